@@ -1,0 +1,1 @@
+"""The hand-written clean transformer that every exercise is generated from."""

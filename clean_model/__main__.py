@@ -1,0 +1,5 @@
+import sys
+
+from clean_model.transformer import main
+
+sys.exit(main())
