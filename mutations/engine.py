@@ -49,7 +49,9 @@ class Site:
     scope: str
     line: int  # for people only; never used to address the site
     statement: tuple[int, int]  # (first line, last line) of the innermost statement
-    span: tuple[tuple[int, int], tuple[int, int]]  # ((line, col), (line, col)) of the node
+    span: tuple[
+        tuple[int, int], tuple[int, int]
+    ]  # ((line, col), (line, col)) of the node
 
     @property
     def sharded(self) -> bool:
@@ -158,7 +160,10 @@ class _Walker(cst.CSTTransformer):
                 scope=ctx.scope,
                 line=pos.start.line,
                 statement=(stmt_pos.start.line, stmt_pos.end.line),
-                span=((pos.start.line, pos.start.column), (pos.end.line, pos.end.column)),
+                span=(
+                    (pos.start.line, pos.start.column),
+                    (pos.end.line, pos.end.column),
+                ),
             )
         )
         if site_id in self.planted:
@@ -177,7 +182,9 @@ class _Walker(cst.CSTTransformer):
             self._statements.pop()
             rule = self._to_annotate.get(id(original_node))
             if rule is not None:
-                comment = cst.EmptyLine(indent=True, comment=cst.Comment(_annotation(rule)))
+                comment = cst.EmptyLine(
+                    indent=True, comment=cst.Comment(_annotation(rule))
+                )
                 lines = [*updated_node.leading_lines, comment]
                 updated_node = updated_node.with_changes(leading_lines=lines)
         return updated_node
@@ -190,11 +197,11 @@ def find_sites(module: cst.Module, rules: list[Rule] | None = None) -> list[Site
     return walker.sites
 
 
-def apply(
-    module: cst.Module, plan: Plan, rules: list[Rule] | None = None
-) -> Mutant:
+def apply(module: cst.Module, plan: Plan, rules: list[Rule] | None = None) -> Mutant:
     """Rewrite the planted sites of `module`, one annotation comment above each."""
-    walker = _Walker(rules if rules is not None else all_rules(), frozenset(plan.site_ids))
+    walker = _Walker(
+        rules if rules is not None else all_rules(), frozenset(plan.site_ids)
+    )
     mutated = MetadataWrapper(module, unsafe_skip_copy=True).visit(walker)
     planted = tuple(s for s in walker.sites if s.id in plan.site_ids)
     missing = set(plan.site_ids) - {s.id for s in planted}

@@ -35,5 +35,7 @@ class SoftmaxOverQueries(Rule):
         )
 
     def mutate(self, node, ctx):
-        dim = node.args[1].with_changes(value=cst.UnaryOperation(cst.Minus(), cst.Integer("2")))
+        dim = node.args[1].with_changes(
+            value=cst.UnaryOperation(cst.Minus(), cst.Integer("2"))
+        )
         return node.with_changes(args=[node.args[0], dim])

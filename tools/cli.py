@@ -1,0 +1,48 @@
+"""`bugforge`: generate exercises, list rules, verify bugs, check and practise fixes."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tools.errors import UserError
+
+# Each module adds its own subcommands through `configure(subparsers)` and sets
+# `run=<function(args) -> int>` on them; modules are imported only when needed so
+# that `generate` never pulls in torch.
+COMMAND_MODULES = {
+    "generate": "tools.exercise",
+    "rules": "tools.exercise",
+    "verify": "tools.verify",
+    "check": "tools.check",
+    "practice": "tools.practice",
+    "reveal": "tools.practice",
+}
+
+
+def build_parser(commands: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bugforge", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in dict.fromkeys(COMMAND_MODULES[c] for c in commands):
+        importlib.import_module(module_name).configure(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = [a for a in argv[:1] if a in COMMAND_MODULES]
+    parser = build_parser(wanted or list(COMMAND_MODULES))
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as e:
+        print(f"bugforge: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("bugforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

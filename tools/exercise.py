@@ -1,0 +1,175 @@
+"""`bugforge generate` and `bugforge rules`: the exercise files, written atomically.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mutations import engine
+from mutations.base import CATEGORIES, all_rules
+from mutations.excluded import EXCLUDED
+from tools.errors import UserError
+
+CLEAN_NAME = "transformer_clean.py"
+ANNOTATED_NAME = "transformer_buggy_annotated.py"
+BUGGY_NAME = "transformer_buggy.py"
+
+
+@dataclass(frozen=True)
+class Exercise:
+    plan: engine.Plan
+    sites: tuple[engine.Site, ...]
+    files: dict[str, str]  # file name -> text
+
+
+def selectable_sites(module, rules) -> list[engine.Site]:
+    """Every site the planner may pick: found on the clean model and not excluded."""
+    sites = engine.find_sites(module, rules)
+    return [s for s in sites if s.id not in EXCLUDED and s.rule not in EXCLUDED]
+
+
+def build_exercise(
+    seed: int, n_bugs: int | None = None, only: list[str] | None = None
+) -> Exercise:
+    """Plan, plant and emit one exercise; raises UserError on a request it cannot meet."""
+    rules = all_rules()
+    names = {r.name for r in rules}
+    for item in only or ():
+        if item not in names and item not in CATEGORIES:
+            raise UserError(
+                f"unknown rule or category: {item!r} (see `bugforge rules`)"
+            )
+    module = engine.parse(engine.CLEAN_SOURCE.read_text())
+    sites = selectable_sites(module, rules)
+    try:
+        plan = engine.make_plan(seed, sites, n_bugs, rules, set(only) if only else None)
+    except engine.PlanError as e:
+        raise UserError(str(e)) from None
+    mutant = engine.apply(module, plan, rules)
+    files = {
+        CLEAN_NAME: engine.emit_clean(module),
+        ANNOTATED_NAME: engine.emit_annotated(mutant),
+        BUGGY_NAME: engine.emit_stripped(mutant),
+    }
+    for name, text in files.items():
+        try:
+            compile(text, name, "exec")
+        except SyntaxError as e:
+            rule = (
+                ", ".join(s.rule for s in mutant.sites if s.line == e.lineno)
+                or "a rule"
+            )
+            raise UserError(
+                f"{rule} produced code that does not compile: {e.msg}"
+            ) from None
+    return Exercise(plan=plan, sites=mutant.sites, files=files)
+
+
+def write_files(out: Path, files: dict[str, str], force: bool = False) -> None:
+    """Write every file or none: refuse to replace a file whose text differs unless forced."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder", exit_code=2)
+    if not force:
+        for name, text in files.items():
+            path = out / name
+            if path.exists() and path.read_text() != text:
+                raise UserError(
+                    f"{path} differs from what would be written; use --force to replace it",
+                    exit_code=2,
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    staged = []
+    try:
+        for name, text in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            staged.append((tmp, out / name))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def run_generate(args) -> int:
+    exercise = build_exercise(args.seed, args.bugs, args.only)
+    write_files(Path(args.out), exercise.files, force=args.force)
+    print(
+        f"wrote {len(exercise.files)} files to {args.out}: {len(exercise.sites)} bugs, seed {args.seed}"
+    )
+    return 0
+
+
+def rule_rows() -> list[dict]:
+    """name, category, description, fix, symptom, sites: one dict per rule."""
+    rules = all_rules()
+    module = engine.parse(engine.CLEAN_SOURCE.read_text())
+    counts: dict[str, int] = {}
+    for site in engine.find_sites(module, rules):
+        counts[site.rule] = counts.get(site.rule, 0) + 1
+    return [
+        {
+            "name": r.name,
+            "category": r.category,
+            "description": r.description,
+            "fix": r.fix,
+            "symptom": r.symptom,
+            "sites": counts.get(r.name, 0),
+        }
+        for r in sorted(rules, key=lambda r: (CATEGORIES.index(r.category), r.name))
+    ]
+
+
+def run_rules(args) -> int:
+    rows = rule_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(
+            f"{r['name']:<{width}}  {r['category']:<10} {r['symptom']:<16} {r['sites']:>2} sites"
+        )
+        print(f"{'':<{width}}  {r['description']}.")
+        print(f"{'':<{width}}  Fix: {r['fix']}.")
+    print(
+        f"{len(rows)} rules, {sum(r['sites'] for r in rows)} sites on the clean model"
+    )
+    return 0
+
+
+def configure(subparsers) -> None:
+    gen = subparsers.add_parser(
+        "generate", help="write an exercise: clean, annotated and buggy files"
+    )
+    gen.add_argument("--seed", type=int, required=True)
+    gen.add_argument(
+        "--out", required=True, help="folder to write the three files into"
+    )
+    gen.add_argument(
+        "--bugs",
+        type=int,
+        default=None,
+        help="number of bugs (default: 8 to 12, seeded)",
+    )
+    gen.add_argument(
+        "--only",
+        action="append",
+        metavar="RULE_OR_CATEGORY",
+        help="draw only from these rules or categories (repeatable)",
+    )
+    gen.add_argument("--force", action="store_true", help="replace files that differ")
+    gen.set_defaults(run=run_generate)
+    rules = subparsers.add_parser(
+        "rules", help="list every rule and its sites on the clean model"
+    )
+    rules.add_argument("--json", action="store_true")
+    rules.set_defaults(run=run_rules)
