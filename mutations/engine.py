@@ -41,6 +41,10 @@ class PlanError(ValueError):
     """The request cannot be met (unknown rule, too many bugs, ...)."""
 
 
+class RuleError(PlanError):
+    """A rule failed to rewrite its site, or rewrote it into code that does not compile."""
+
+
 @dataclass(frozen=True)
 class Site:
     id: str  # rule name + enclosing qualified name + ordinal: stable across edits elsewhere
@@ -177,7 +181,12 @@ class _Walker(cst.CSTTransformer):
         planted = self._to_mutate.get(id(original_node))
         if planted is not None:
             rule, ctx = planted
-            updated_node = rule.mutate(updated_node, ctx)
+            try:
+                updated_node = rule.mutate(updated_node, ctx)
+            except Exception as e:
+                raise RuleError(
+                    f"rule {rule.name} failed to rewrite its site: {e}"
+                ) from e
         if _is_statement(original_node):
             self._statements.pop()
             rule = self._to_annotate.get(id(original_node))
