@@ -21,8 +21,15 @@ COMMAND_MODULES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def build_parser(commands: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bugforge", description=__doc__)
+    parser = _Parser(prog="bugforge", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in dict.fromkeys(COMMAND_MODULES[c] for c in commands):
         importlib.import_module(module_name).configure(subparsers)
