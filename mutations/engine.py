@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import libcst as cst
-from libcst.metadata import MetadataWrapper, PositionProvider
 
 from mutations.base import Context, Rule, all_rules
 
@@ -106,40 +105,42 @@ def _is_statement(node: cst.CSTNode) -> bool:
 
 class _Walker(cst.CSTTransformer):
     """Visits every node once with every rule; records sites, and rewrites the
-    planted ones (with an annotation above their statement) when given a plan."""
+    planted ones (with an annotation above their statement) when given a plan.
 
-    METADATA_DEPENDENCIES = (PositionProvider,)
+    Lines are counted from the Newline nodes and multi-line strings passed on the
+    way, which costs far less than libcst's position metadata; overlap between
+    sites is decided on preorder intervals, which are exact."""
 
     def __init__(self, rules: list[Rule], planted: frozenset[str] = frozenset()):
         super().__init__()
         self.rules = rules
-        self._by_type: dict[type, list[Rule]] = {}
         self.planted = planted
-        self.sites: list[Site] = []
+        self._by_type: dict[type, list[Rule]] = {}
         self._scopes: list[str] = []
         self._ancestors: list[cst.CSTNode] = []
-        self._statements: list[cst.CSTNode] = []
+        self._statements: list[tuple[cst.CSTNode, int]] = []  # (node, first line)
         self._counts: dict[tuple[str, str], int] = {}
+        self._line = 1
+        self._order = 0
+        self._found: list[dict] = []
+        self._ends: dict[int, tuple[int, int]] = {}  # id(node) -> (preorder end, line)
         self._to_mutate: dict[int, tuple[Rule, Context]] = {}
         self._to_annotate: dict[int, Rule] = {}
 
     @property
-    def _scope(self) -> str:
-        return ".".join(self._scopes) or "<module>"
-
-    def on_visit(self, node: cst.CSTNode) -> bool:
-        if _is_statement(node):
-            self._statements.append(node)
-        rules = self._rules_for(type(node))
-        if rules:
-            ctx = Context(self._scope, list(self._ancestors))
-            for rule in rules:
-                if rule.find(node, ctx):
-                    self._record(rule, node, ctx)
-        if isinstance(node, (cst.FunctionDef, cst.ClassDef)):
-            self._scopes.append(node.name.value)
-        self._ancestors.append(node)
-        return True
+    def sites(self) -> list[Site]:
+        return [
+            Site(
+                id=f["id"],
+                rule=f["rule"].name,
+                category=f["rule"].category,
+                scope=f["scope"],
+                line=f["line"],
+                statement=(f["stmt_line"], self._ends[f["stmt"]][1] - 1),
+                span=(f["start"], self._ends[f["node"]][0]),
+            )
+            for f in self._found
+        ]
 
     def _rules_for(self, node_type: type) -> list[Rule]:
         rules = self._by_type.get(node_type)
@@ -148,36 +149,57 @@ class _Walker(cst.CSTTransformer):
             self._by_type[node_type] = rules
         return rules
 
+    def on_visit(self, node: cst.CSTNode) -> bool:
+        self._order += 1
+        if _is_statement(node):
+            self._statements.append((node, self._line + len(node.leading_lines)))
+        rules = self._rules_for(type(node))
+        if rules:
+            ctx = Context(".".join(self._scopes) or "<module>", list(self._ancestors))
+            for rule in rules:
+                if rule.find(node, ctx):
+                    self._record(rule, node, ctx)
+        if isinstance(node, (cst.FunctionDef, cst.ClassDef)):
+            self._scopes.append(node.name.value)
+        self._ancestors.append(node)
+        return True
+
     def _record(self, rule: Rule, node: cst.CSTNode, ctx: Context) -> None:
         key = (rule.name, ctx.scope)
         ordinal = self._counts.get(key, 0)
         self._counts[key] = ordinal + 1
         site_id = f"{rule.name}:{ctx.scope}:{ordinal}"
-        pos = self.get_metadata(PositionProvider, node)
-        stmt = self._statements[-1] if self._statements else node
-        stmt_pos = self.get_metadata(PositionProvider, stmt)
-        self.sites.append(
-            Site(
-                id=site_id,
-                rule=rule.name,
-                category=rule.category,
-                scope=ctx.scope,
-                line=pos.start.line,
-                statement=(stmt_pos.start.line, stmt_pos.end.line),
-                span=(
-                    (pos.start.line, pos.start.column),
-                    (pos.end.line, pos.end.column),
-                ),
-            )
+        stmt, stmt_line = self._statements[-1] if self._statements else (node, 1)
+        self._found.append(
+            {
+                "id": site_id,
+                "rule": rule,
+                "scope": ctx.scope,
+                "line": self._line,
+                "start": self._order,
+                "node": id(node),
+                "stmt": id(stmt),
+                "stmt_line": stmt_line,
+            }
         )
+        self._ends[id(node)] = self._ends[id(stmt)] = (0, 0)  # filled in on leave
         if site_id in self.planted:
             self._to_mutate[id(node)] = (rule, ctx)
             self._to_annotate[id(stmt)] = rule
 
     def on_leave(self, original_node, updated_node):
         self._ancestors.pop()
-        if isinstance(original_node, (cst.FunctionDef, cst.ClassDef)):
+        if isinstance(original_node, cst.Newline):
+            self._line += 1
+        elif isinstance(
+            original_node,
+            (cst.SimpleString, cst.SimpleWhitespace, cst.FormattedStringText),
+        ):
+            self._line += original_node.value.count("\n")
+        elif isinstance(original_node, (cst.FunctionDef, cst.ClassDef)):
             self._scopes.pop()
+        if id(original_node) in self._ends:
+            self._ends[id(original_node)] = (self._order, self._line)
         planted = self._to_mutate.get(id(original_node))
         if planted is not None:
             rule, ctx = planted
@@ -202,16 +224,21 @@ class _Walker(cst.CSTTransformer):
 def find_sites(module: cst.Module, rules: list[Rule] | None = None) -> list[Site]:
     """Every site of every rule in `module`, in source order."""
     walker = _Walker(rules if rules is not None else all_rules())
-    MetadataWrapper(module, unsafe_skip_copy=True).visit(walker)
+    module.visit(walker)
     return walker.sites
 
 
 def apply(module: cst.Module, plan: Plan, rules: list[Rule] | None = None) -> Mutant:
-    """Rewrite the planted sites of `module`, one annotation comment above each."""
-    walker = _Walker(
-        rules if rules is not None else all_rules(), frozenset(plan.site_ids)
-    )
-    mutated = MetadataWrapper(module, unsafe_skip_copy=True).visit(walker)
+    """Rewrite the planted sites of `module`, one annotation comment above each.
+
+    Only the planted sites' rules run: a site's ordinal counts its own rule's
+    matches alone, so their ids come out the same as in `find_sites`."""
+    wanted = {site_id.split(":", 1)[0] for site_id in plan.site_ids}
+    rules = [
+        r for r in (rules if rules is not None else all_rules()) if r.name in wanted
+    ]
+    walker = _Walker(rules, frozenset(plan.site_ids))
+    mutated = module.visit(walker)
     planted = tuple(s for s in walker.sites if s.id in plan.site_ids)
     missing = set(plan.site_ids) - {s.id for s in planted}
     if missing:

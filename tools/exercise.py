@@ -64,14 +64,21 @@ def build_exercise(
         try:
             compile(text, name, "exec")
         except SyntaxError as e:
-            rule = (
-                ", ".join(s.rule for s in mutant.sites if s.line == e.lineno)
-                or "a rule"
-            )
+            culprit = _first_broken_rule(module, mutant.sites, rules) or "a rule"
             raise UserError(
-                f"{rule} produced code that does not compile: {e.msg}"
+                f"{culprit} produced code that does not compile: {e.msg}"
             ) from None
     return Exercise(plan=plan, sites=mutant.sites, files=files)
+
+
+def _first_broken_rule(module, sites, rules) -> str | None:
+    for site in sites:
+        alone = engine.apply(module, engine.Plan(None, (site.id,)), rules)
+        try:
+            compile(alone.module.code, site.id, "exec")
+        except SyntaxError:
+            return f"rule {site.rule}"
+    return None
 
 
 def write_files(out: Path, files: dict[str, str], force: bool = False) -> None:
