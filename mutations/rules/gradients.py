@@ -5,6 +5,44 @@ import libcst.matchers as m
 
 from mutations.base import Example, Rule
 
+LINE_LENGTH = 88  # ruff's, from pyproject.toml
+
+# self.weight = nn.ParameterList(<generator>): the shards of a ParallelLinear
+_SHARD_LIST = m.Call(
+    func=m.Attribute(value=m.Name("nn"), attr=m.Name("ParameterList")),
+    args=[m.Arg(value=m.GeneratorExp(), keyword=None)],
+)
+
+
+def _code(node):
+    return cst.Module(body=[]).code_for_node(node)
+
+
+def _indent(ctx):
+    """Width of the indentation of the statement the node sits in."""
+    unit = ctx.ancestors[0].default_indent if ctx.ancestors else "    "
+    return sum(
+        len(unit if block.indent is None else block.indent)
+        for block in ctx.ancestors
+        if isinstance(block, cst.IndentedBlock)
+    )
+
+
+def _on_own_line(indent):
+    """The whitespace that starts a new line, `indent` deeper than the statement."""
+    return cst.ParenthesizedWhitespace(
+        first_line=cst.TrailingWhitespace(),
+        indent=True,
+        last_line=cst.SimpleWhitespace(indent),
+    )
+
+
+def _shard_list(ctx):
+    """Is the node the shard list of a ParallelLinear (self.weight = ...)?"""
+    return ctx.scope == "ParallelLinear.__init__" and _assigns_to(
+        ctx, m.Attribute(value=m.Name("self"), attr=m.Name("weight"))
+    )
+
 
 def _detached(node):
     return cst.Call(func=cst.Attribute(value=node, attr=cst.Name("detach")))
@@ -207,3 +245,259 @@ class BlockOutputDetached(Rule):
 
     def mutate(self, node, ctx):
         return _detached(node)
+
+
+class ShardsInPlainList(Rule):
+    name = "shards-in-plain-list"
+    category = "gradients"
+    description = (
+        "The weight shards are kept in a plain Python list instead of an"
+        " nn.ParameterList, so the module never registers them: model.parameters()"
+        " leaves them out, the optimizer never updates them and every linear layer"
+        " keeps its random init"
+    )
+    fix = (
+        "Register the shards: self.weight = nn.ParameterList(nn.Parameter(...) for _"
+        " in range(num_shards))"
+    )
+    symptom = "no-learning"
+    nodes = (cst.Call,)
+    conflicts = ("shard-weight-through-data",)  # the shards are frozen either way
+    examples = (
+        Example(
+            before=(
+                "class ParallelLinear:\n"
+                "    def __init__(self, shape, num_shards):\n"
+                "        self.weight = nn.ParameterList(\n"
+                "            nn.Parameter(torch.empty(shape)) for _ in range(num_shards)\n"
+                "        )\n"
+            ),
+            after=(
+                "class ParallelLinear:\n"
+                "    def __init__(self, shape, num_shards):\n"
+                "        self.weight = [nn.Parameter(torch.empty(shape)) for _ in range(num_shards)]\n"
+            ),
+        ),
+        Example(
+            before=(
+                "class ParallelLinear:\n"
+                "    def __init__(self, shape, num_shards):\n"
+                "        self.weight = nn.ParameterList(\n"
+                "            nn.Parameter(torch.empty(shape, dtype=torch.float32))\n"
+                "            for _ in range(num_shards)\n"
+                "        )\n"
+            ),
+            after=(
+                "class ParallelLinear:\n"
+                "    def __init__(self, shape, num_shards):\n"
+                "        self.weight = [\n"
+                "            nn.Parameter(torch.empty(shape, dtype=torch.float32))\n"
+                "            for _ in range(num_shards)\n"
+                "        ]\n"
+            ),
+        ),
+    )
+    # the biases start at zero and the weights alone carry the layer: freezing them
+    # is not a bug that shows
+    untouched = (
+        "class ColumnParallelLinear:\n"
+        "    def __init__(self):\n"
+        "        self.bias = nn.ParameterList(\n"
+        "            nn.Parameter(torch.zeros(w.size(0))) for w in self.weight\n"
+        "        )\n",
+        "class ParallelLinear:\n"
+        "    def __init__(self, shape, num_shards):\n"
+        "        self.weight = [nn.Parameter(torch.empty(shape)) for _ in range(n)]\n",
+    )
+
+    def find(self, node, ctx):
+        return m.matches(node, _SHARD_LIST) and _shard_list(ctx)
+
+    def mutate(self, node, ctx):
+        (arg,) = node.args
+        generator = arg.value
+        flat = cst.ListComp(
+            elt=generator.elt,
+            for_in=generator.for_in.with_changes(
+                whitespace_before=cst.SimpleWhitespace(" ")
+            ),
+        )
+        line = _code(ctx.parent.with_changes(value=flat))
+        if _indent(ctx) + len(line) <= LINE_LENGTH:
+            return flat
+        # too long for one line: keep the call's layout inside the brackets
+        return cst.ListComp(
+            elt=generator.elt,
+            for_in=generator.for_in,
+            lbracket=cst.LeftSquareBracket(
+                whitespace_after=node.whitespace_before_args
+            ),
+            rbracket=cst.RightSquareBracket(whitespace_before=arg.whitespace_after_arg),
+        )
+
+
+class WeightShardsFrozen(Rule):
+    name = "weight-shards-frozen"
+    category = "gradients"
+    description = (
+        "The weight shards are created with requires_grad=False, so autograd never"
+        " computes a gradient for them and every linear layer keeps its random init:"
+        " only the embeddings, norms and biases train"
+    )
+    fix = "Leave the shards trainable: nn.Parameter(torch.empty(shape))"
+    symptom = "no-learning"
+    nodes = (cst.Call,)
+    conflicts = ("shard-weight-through-data",)  # the shards are frozen either way
+    examples = (
+        Example(
+            before=(
+                "class ParallelLinear:\n"
+                "    def __init__(self, shape, num_shards):\n"
+                "        self.weight = nn.ParameterList(\n"
+                "            nn.Parameter(torch.empty(shape)) for _ in range(num_shards)\n"
+                "        )\n"
+            ),
+            after=(
+                "class ParallelLinear:\n"
+                "    def __init__(self, shape, num_shards):\n"
+                "        self.weight = nn.ParameterList(\n"
+                "            nn.Parameter(torch.empty(shape), requires_grad=False)\n"
+                "            for _ in range(num_shards)\n"
+                "        )\n"
+            ),
+        ),
+        Example(
+            before=(
+                "class ParallelLinear:\n"
+                "    def __init__(self, shape, n):\n"
+                "        self.weight = nn.ParameterList(\n"
+                "            nn.Parameter(torch.empty(shape)) for _ in range(n)\n"
+                "        )\n"
+            ),
+            after=(
+                "class ParallelLinear:\n"
+                "    def __init__(self, shape, n):\n"
+                "        self.weight = nn.ParameterList(\n"
+                "            nn.Parameter(torch.empty(shape), requires_grad=False) for _ in range(n)\n"
+                "        )\n"
+            ),
+        ),
+    )
+    untouched = (
+        "class ParallelLinear:\n"
+        "    def __init__(self, shape, n):\n"
+        "        self.weight = nn.ParameterList(\n"
+        "            nn.Parameter(torch.empty(shape), requires_grad=False)\n"
+        "            for _ in range(n)\n"
+        "        )\n",
+    )
+
+    def find(self, node, ctx):
+        parameter = m.Call(
+            func=m.Attribute(value=m.Name("nn"), attr=m.Name("Parameter")),
+            args=[m.Arg(keyword=None)],
+        )
+        return (
+            m.matches(node, _SHARD_LIST)
+            and m.matches(node.args[0].value.elt, parameter)
+            and _shard_list(ctx)
+        )
+
+    def mutate(self, node, ctx):
+        (arg,) = node.args
+        generator = arg.value
+        (data,) = generator.elt.args
+        frozen = cst.Arg(
+            keyword=cst.Name("requires_grad"),
+            value=cst.Name("False"),
+            equal=cst.AssignEqual(
+                whitespace_before=cst.SimpleWhitespace(""),
+                whitespace_after=cst.SimpleWhitespace(""),
+            ),
+        )
+        comma = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
+        elt = generator.elt.with_changes(args=[data.with_changes(comma=comma), frozen])
+        generator = generator.with_changes(elt=elt)
+        inside = node.whitespace_before_args
+        if isinstance(inside, cst.ParenthesizedWhitespace):
+            width = _indent(ctx) + len(inside.last_line.value) + len(_code(generator))
+            if width > LINE_LENGTH:
+                # ruff splits a comprehension that does not fit before its `for`
+                for_in = generator.for_in.with_changes(
+                    whitespace_before=_on_own_line(inside.last_line.value)
+                )
+                generator = generator.with_changes(for_in=for_in)
+        return node.with_changes(args=[arg.with_changes(value=generator)])
+
+
+class AttentionForwardWithoutGrad(Rule):
+    name = "attention-forward-without-grad"
+    category = "gradients"
+    description = (
+        "The attention forward runs under torch.no_grad(), so its output carries no"
+        " graph: the q, k, v and output projections never receive a gradient, none"
+        " flows back through attention to the layers below, and attention never"
+        " learns to look one period back"
+    )
+    fix = (
+        "Drop the decorator from CausalSelfAttention.forward: no_grad belongs on"
+        " generate, not on a forward that training goes through"
+    )
+    symptom = "no-learning"
+    nodes = (cst.FunctionDef,)
+    # each of these already cuts every gradient that the decorator would cut
+    conflicts = (
+        "attention-branch-detached",
+        "block-output-detached",
+        "split-backward-drops-input-grad",
+    )
+    examples = (
+        Example(
+            before=(
+                "class CausalSelfAttention:\n"
+                "    def __init__(self, dim):\n"
+                "        self.dim = dim\n"
+                "\n"
+                "    def forward(self, x):\n"
+                "        return self.proj(x)\n"
+            ),
+            after=(
+                "class CausalSelfAttention:\n"
+                "    def __init__(self, dim):\n"
+                "        self.dim = dim\n"
+                "\n"
+                "    @torch.no_grad()\n"
+                "    def forward(self, x):\n"
+                "        return self.proj(x)\n"
+            ),
+        ),
+    )
+    # generate already runs without a graph; the MLP is not needed for the task
+    untouched = (
+        "class CausalSelfAttention:\n"
+        "    @torch.no_grad()\n"
+        "    def forward(self, x):\n"
+        "        return self.proj(x)\n",
+        "class MLP:\n    def forward(self, x):\n        return self.fc2(x)\n",
+        "def forward(x):\n    return x\n",
+    )
+
+    def find(self, node, ctx):
+        no_grad = m.Decorator(
+            decorator=m.Call(
+                func=m.Attribute(value=m.Name("torch"), attr=m.Name("no_grad"))
+            )
+        )
+        return (
+            ctx.scope == "CausalSelfAttention"
+            and node.name.value == "forward"
+            and not any(m.matches(d, no_grad) for d in node.decorators)
+        )
+
+    def mutate(self, node, ctx):
+        no_grad = cst.Call(
+            func=cst.Attribute(value=cst.Name("torch"), attr=cst.Name("no_grad"))
+        )
+        return node.with_changes(
+            decorators=[cst.Decorator(decorator=no_grad), *node.decorators]
+        )
