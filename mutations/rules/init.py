@@ -1,0 +1,239 @@
+"""Bugs in weight initialisation: scales, means, symmetry, dead parameters."""
+
+import libcst as cst
+import libcst.matchers as m
+
+from mutations.base import Example, Rule
+
+# nn.init.normal_(full, mean=..., std=<literal>): the init of a sharded linear's
+# full weight, before it is cut into shards
+_LINEAR_NORMAL_INIT = m.Call(
+    func=m.Attribute(attr=m.Name("normal_")),
+    args=[
+        m.Arg(value=m.Name(), keyword=None),
+        m.Arg(keyword=m.Name("mean")),
+        m.Arg(keyword=m.Name("std"), value=m.Float()),
+    ],
+)
+
+
+class NormalInitPositionalMean(Rule):
+    name = "normal-init-positional-mean"
+    category = "init"
+    description = (
+        "nn.init.normal_'s second positional argument is the mean, not the std, so"
+        " every linear weight is drawn from N(0.02, 1) instead of N(0, 0.02): 50 times"
+        " too large, so the attention scores and logits start huge, the softmaxes"
+        " saturate and their gradients vanish, and training crawls"
+    )
+    fix = "Pass the spread by keyword: nn.init.normal_(full, mean=0.0, std=0.02)"
+    symptom = "degraded"
+    nodes = (cst.Call,)
+    examples = (
+        Example(
+            before="nn.init.normal_(full, mean=0.0, std=0.02)\n",
+            after="nn.init.normal_(full, 0.02)\n",
+        ),
+    )
+    untouched = (
+        "nn.init.normal_(full, mean=0.0, std=residual_std)\n",
+        "nn.init.normal_(module.weight, mean=0.0, std=0.3)\n",
+    )
+
+    def find(self, node, ctx):
+        return m.matches(node, _LINEAR_NORMAL_INIT)
+
+    def mutate(self, node, ctx):
+        target, _, std = node.args
+        return node.with_changes(args=[target, cst.Arg(value=std.value)])
+
+
+class ConstantWeightInit(Rule):
+    name = "constant-weight-init"
+    category = "init"
+    description = (
+        "Every linear weight is set to the same constant, so all units of a layer"
+        " start identical; the query and key features of a head only meet each other,"
+        " so they also get identical gradients forever, and each head's scores stay"
+        " a product of two numbers per token that cannot express 'look k steps back'"
+    )
+    fix = "Draw the weights at random: nn.init.normal_(full, mean=0.0, std=0.02)"
+    symptom = "degraded"
+    nodes = (cst.Call,)
+    examples = (
+        Example(
+            before="nn.init.normal_(full, mean=0.0, std=0.02)\n",
+            after="nn.init.constant_(full, 0.02)\n",
+        ),
+    )
+    untouched = ("nn.init.normal_(full, mean=0.0, std=residual_std)\n",)
+
+    def find(self, node, ctx):
+        return m.matches(node, _LINEAR_NORMAL_INIT)
+
+    def mutate(self, node, ctx):
+        target, _, std = node.args
+        return node.with_changes(
+            func=node.func.with_changes(attr=cst.Name("constant_")),
+            args=[target, cst.Arg(value=std.value)],
+        )
+
+
+class TokenEmbeddingInitTooSmall(Rule):
+    name = "token-embedding-init-too-small"
+    category = "init"
+    description = (
+        "The token embedding is drawn with std 0.02 while the sinusoidal positions"
+        " it is added to have unit size, so the token identity is a faint ripple on"
+        " the position signal and attention cannot tell tokens apart for most of"
+        " training"
+    )
+    fix = (
+        "Draw the token embedding on the scale of the position table, e.g."
+        " nn.init.normal_(module.weight, mean=0.0, std=0.3)"
+    )
+    symptom = "degraded"
+    nodes = (cst.Call,)
+    examples = (
+        Example(
+            before=(
+                "if isinstance(module, nn.Embedding):\n"
+                "    nn.init.normal_(module.weight, mean=0.0, std=0.3)\n"
+            ),
+            after=(
+                "if isinstance(module, nn.Embedding):\n"
+                "    nn.init.normal_(module.weight, mean=0.0, std=0.02)\n"
+            ),
+        ),
+    )
+    untouched = (
+        "if isinstance(module, nn.Linear):\n"
+        "    nn.init.normal_(module.weight, mean=0.0, std=0.3)\n",
+        "nn.init.normal_(full, mean=0.0, std=0.02)\n",
+    )
+
+    _EMBEDDING_BRANCH = m.If(
+        test=m.Call(
+            func=m.Name("isinstance"),
+            args=[m.Arg(), m.Arg(value=m.Attribute(attr=m.Name("Embedding")))],
+        )
+    )
+
+    def find(self, node, ctx):
+        return m.matches(
+            node,
+            m.Call(
+                func=m.Attribute(attr=m.Name("normal_")),
+                args=[m.ZeroOrMore(), m.Arg(keyword=m.Name("std"), value=m.Float())],
+            ),
+        ) and any(m.matches(a, self._EMBEDDING_BRANCH) for a in ctx.ancestors)
+
+    def mutate(self, node, ctx):
+        *rest, std = node.args
+        return node.with_changes(
+            args=[*rest, std.with_changes(value=cst.Float("0.02"))]
+        )
+
+
+class QueryKeyZeroInit(Rule):
+    name = "query-key-zero-init"
+    category = "init"
+    description = (
+        "Both the query and the key projections start at zero (their biases are zero"
+        " too), so every attention score is 0, and the gradient reaching the queries"
+        " is proportional to the keys and vice versa: both stay zero forever,"
+        " attention stays uniform over the past, and no token can be looked up"
+    )
+    fix = (
+        "Drop the zero init of q and k (zeroing the query alone would still let the"
+        " key, and then the query, learn)"
+    )
+    symptom = "degraded"
+    nodes = (cst.For,)
+    examples = (
+        Example(
+            before=(
+                "for block in self.blocks:\n"
+                "    for layer in (block.attn.proj, block.mlp.fc2):\n"
+                "        layer.reset()\n"
+            ),
+            after=(
+                "for block in self.blocks:\n"
+                "    for layer in (block.attn.proj, block.mlp.fc2):\n"
+                "        layer.reset()\n"
+                "    for layer in (block.attn.q, block.attn.k):\n"
+                "        for w in layer.weight:\n"
+                "            nn.init.zeros_(w)\n"
+            ),
+        ),
+    )
+    untouched = (
+        "for block in self.blocks:\n    x = block(x)\n",
+        "for block in blocks:\n    for layer in (block.a, block.b):\n        pass\n",
+    )
+
+    def find(self, node, ctx):
+        # the loop over the blocks that re-initialises some of each block's layers
+        return m.matches(
+            node,
+            m.For(
+                target=m.Name(),
+                iter=m.Attribute(value=m.Name("self"), attr=m.Name("blocks")),
+                body=m.IndentedBlock(body=[m.ZeroOrMore(), m.For(), m.ZeroOrMore()]),
+            ),
+        )
+
+    def mutate(self, node, ctx):
+        block = node.target.value
+        zero_init = cst.parse_statement(
+            f"for layer in ({block}.attn.q, {block}.attn.k):\n"
+            "    for w in layer.weight:\n"
+            "        nn.init.zeros_(w)\n"
+        )
+        body = node.body
+        return node.with_changes(body=body.with_changes(body=[*body.body, zero_init]))
+
+
+class ParameterCopyWithoutNoGrad(Rule):
+    name = "parameter-copy-without-no-grad"
+    category = "init"
+    description = (
+        "The method that copies initial values into the weight shards runs with"
+        " autograd on, and an in-place copy_ into a leaf parameter that requires grad"
+        " is refused, so the model cannot even be built"
+    )
+    fix = "Decorate the method with @torch.no_grad() (or copy inside `with torch.no_grad():`)"
+    symptom = "crash"
+    nodes = (cst.FunctionDef,)
+    examples = (
+        Example(
+            before=(
+                "class P:\n"
+                "    @torch.no_grad()\n"
+                "    def load(self, full):\n"
+                "        self.w.copy_(full)\n"
+            ),
+            after=("class P:\n    def load(self, full):\n        self.w.copy_(full)\n"),
+        ),
+    )
+    untouched = (
+        # generating without no_grad only wastes memory
+        "class M:\n    @torch.no_grad()\n    def generate(self, idx):\n"
+        "        return self(idx)\n",
+        "class P:\n    def load(self, full):\n        self.w.copy_(full)\n",
+    )
+
+    _NO_GRAD = m.Decorator(
+        decorator=m.Call(
+            func=m.Attribute(value=m.Name("torch"), attr=m.Name("no_grad"))
+        )
+    )
+
+    def find(self, node, ctx):
+        return any(m.matches(d, self._NO_GRAD) for d in node.decorators) and bool(
+            m.findall(node.body, m.Call(func=m.Attribute(attr=m.Name("copy_"))))
+        )
+
+    def mutate(self, node, ctx):
+        decorators = [d for d in node.decorators if not m.matches(d, self._NO_GRAD)]
+        return node.with_changes(decorators=decorators)
