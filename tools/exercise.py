@@ -60,14 +60,14 @@ def build_exercise(
         ANNOTATED_NAME: engine.emit_annotated(mutant),
         BUGGY_NAME: engine.emit_stripped(mutant),
     }
-    for name, text in files.items():
-        try:
-            compile(text, name, "exec")
-        except SyntaxError as e:
-            culprit = _first_broken_rule(module, mutant.sites, rules) or "a rule"
-            raise UserError(
-                f"{culprit} produced code that does not compile: {e.msg}"
-            ) from None
+    # the annotated file is the same code plus comments, and the clean one is ours
+    try:
+        compile(files[BUGGY_NAME], BUGGY_NAME, "exec")
+    except SyntaxError as e:
+        culprit = _first_broken_rule(module, mutant.sites, rules) or "a rule"
+        raise UserError(
+            f"{culprit} produced code that does not compile: {e.msg}"
+        ) from None
     return Exercise(plan=plan, sites=mutant.sites, files=files)
 
 
