@@ -52,9 +52,8 @@ class Site:
     scope: str
     line: int  # for people only; never used to address the site
     statement: tuple[int, int]  # (first line, last line) of the innermost statement
-    span: tuple[
-        tuple[int, int], tuple[int, int]
-    ]  # ((line, col), (line, col)) of the node
+    # the node's subtree as a preorder interval [first, last]: exact, unlike lines
+    span: tuple[int, int]
 
     @property
     def sharded(self) -> bool:

@@ -81,6 +81,12 @@ def _first_broken_rule(module, sites, rules) -> str | None:
     return None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_files(out: Path, files: dict[str, str], force: bool = False) -> None:
     """Write every file or none: refuse to replace a file whose text differs unless forced."""
     if out.exists() and not out.is_dir():
@@ -98,6 +104,7 @@ def write_files(out: Path, files: dict[str, str], force: bool = False) -> None:
     try:
         for name, text in files.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; act like open()
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             staged.append((tmp, out / name))
