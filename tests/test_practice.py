@@ -13,7 +13,14 @@ import pytest
 from mutations import engine
 from mutations.base import all_rules
 from tools.exercise import ANNOTATED_NAME, BUGGY_NAME, CLEAN_NAME, build_exercise
-from tools.practice import README_NAME, RECORD_NAME, _rebuild, judge
+from tools.practice import (
+    README_NAME,
+    RECORD_NAME,
+    _rebuild,
+    decode_plan,
+    encode_plan,
+    judge,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 4
@@ -61,9 +68,11 @@ def test_practice_writes_only_the_buggy_file_a_readme_and_the_hidden_record(
     assert f"{len(exercise.sites)} bugs" in readme
     for command in ("bugforge check", "bugforge reveal", f"python {BUGGY_NAME}"):
         assert command in readme
-    record = json.loads((folder / RECORD_NAME).read_text())
+    raw = (folder / RECORD_NAME).read_text()
+    assert not any(s.rule in raw for s in exercise.sites), "the record names no bug"
+    record = json.loads(raw)
     assert record["seed"] == SEED
-    assert record["sites"] == list(exercise.plan.site_ids)
+    assert decode_plan(record["plan"]) == list(exercise.plan.site_ids)
     assert before <= record["started"] <= after
 
 
@@ -144,7 +153,12 @@ def test_reveal_refuses_a_folder_that_practice_did_not_write(tmp_path):
 def test_reveal_rebuilds_from_the_recorded_sites_once_the_rules_have_changed():
     exercise = build_exercise(SEED)
     # what an older rule set would have planted for this seed
-    record = {"seed": SEED, "bugs": None, "sites": [SOFTMAX], "started": 0.0}
+    record = {
+        "seed": SEED,
+        "bugs": None,
+        "plan": encode_plan([SOFTMAX]),
+        "started": 0.0,
+    }
 
     sites, annotated, clean, note = _rebuild(record)
 

@@ -37,11 +37,13 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import base64
 import difflib
 import itertools
 import json
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -98,7 +100,7 @@ def run_practice(args) -> int:
     record = {
         "seed": args.seed,
         "bugs": args.bugs,
-        "sites": list(exercise.plan.site_ids),
+        "plan": encode_plan(exercise.plan.site_ids),
         "started": started,
     }
     files = {
@@ -419,6 +421,16 @@ def _judge_in_child(clean_code, jobs, verdicts, timeout) -> None:
 # ----------------------------------------------------------------------------- reveal
 
 
+def encode_plan(site_ids) -> str:
+    """The planted site ids, kept so reveal survives later rule changes, but not
+    readable at a glance by someone who opens the hidden record mid-session."""
+    return base64.b64encode(zlib.compress(json.dumps(list(site_ids)).encode())).decode()
+
+
+def decode_plan(text: str) -> list[str]:
+    return json.loads(zlib.decompress(base64.b64decode(text.encode(), validate=True)))
+
+
 def _read_record(folder: Path) -> dict:
     path = folder / RECORD_NAME
     if not path.is_file():
@@ -432,9 +444,9 @@ def _read_record(folder: Path) -> dict:
         valid = (
             isinstance(record["seed"], int)
             and isinstance(record["started"], (int, float))
-            and isinstance(record["sites"], list)
+            and isinstance(decode_plan(record["plan"]), list)
         )
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, zlib.error):
         valid = False
     if not valid:
         raise UserError(f"{path} is damaged", exit_code=2)
@@ -448,12 +460,13 @@ def _rebuild(record: dict):
         exercise = build_exercise(record["seed"], record.get("bugs"))
     except UserError:
         exercise = None
-    if exercise and list(exercise.plan.site_ids) == list(record["sites"]):
+    planted = decode_plan(record["plan"])
+    if exercise and list(exercise.plan.site_ids) == planted:
         files = exercise.files
         return exercise.sites, files[ANNOTATED_NAME], files[CLEAN_NAME], ""
     raw = engine.parse(engine.CLEAN_SOURCE.read_text())
     try:
-        mutant = engine.apply(raw, engine.Plan(record["seed"], tuple(record["sites"])))
+        mutant = engine.apply(raw, engine.Plan(record["seed"], tuple(planted)))
     except engine.PlanError as e:
         raise UserError(
             f"the rules changed since this practice started and it cannot be rebuilt: {e}"
