@@ -31,7 +31,7 @@ class CopyToShards(torch.autograd.Function):
     def backward(ctx, *grads):
         grad = grads[0]
         for g in grads[1:]:
-            grad = grad + g
+            grad = g
         return grad, None
 
 
@@ -159,7 +159,7 @@ class RowParallelLinear(ParallelLinear):
 def sinusoidal_positions(num_positions, dim):
     """Fixed position table (num_positions, dim): sin on even features, cos on odd."""
     position = torch.arange(num_positions).unsqueeze(1)
-    freq = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+    freq = torch.exp(torch.arange(0, dim, 2) * -math.log(10000.0)) / dim
     pe = position.new_zeros(num_positions, dim)
     pe[:, 0::2] = torch.sin(position * freq)
     pe[:, 1::2] = torch.cos(position * freq)
@@ -183,7 +183,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.size()
         hs = C // self.num_heads
-        q = self.q(x).view(B, self.num_heads, T, hs)
+        q = self.q(x).view(B, T, self.num_heads, hs).transpose(1, 2)
         k = self.k(x).view(B, T, self.num_heads, hs).transpose(1, 2)
         v = self.v(x).view(B, T, self.num_heads, hs).transpose(1, 2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
@@ -238,16 +238,19 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, ParallelLinear):
                 full = torch.empty(module.out_features, module.in_features)
-                nn.init.normal_(full, 0.02)
+                nn.init.normal_(full, mean=0.0, std=0.02)
                 module.load_full_weight(full)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                nn.init.normal_(module.weight, mean=0.0, std=0.3)
         residual_std = 0.02 / math.sqrt(2 * self.num_layers)
         for block in self.blocks:
             for layer in (block.attn.proj, block.mlp.fc2):
                 full = torch.empty(layer.out_features, layer.in_features)
                 nn.init.normal_(full, mean=0.0, std=residual_std)
                 layer.load_full_weight(full)
+            for layer in (block.attn.q, block.attn.k):
+                for w in layer.weight:
+                    nn.init.zeros_(w)
 
     def forward(self, idx, targets=None):
         """idx: (B, T) token ids, T <= block_size; targets: (B, T), -1 = ignore.
@@ -259,21 +262,23 @@ class Transformer(nn.Module):
         assert T <= self.block_size, (
             f"sequence of {T} exceeds block_size {self.block_size}"
         )
-        x = self.tok_emb(idx)
+        x = self.tok_emb(idx) + self.pos_emb[idx]
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
         logits = self.head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits, targets, ignore_index=-1)
+            loss = F.cross_entropy(
+                logits.view(B * T, -1), targets.view(B * T), ignore_index=-100
+            )
         return logits, loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens):
         """Greedily extend idx (B, T) by max_new_tokens; returns (B, T + max_new_tokens)."""
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, : self.block_size]
+            idx_cond = idx[:, -self.block_size :]
             logits, _ = self(idx_cond)
             next_id = logits[:, -1, :].argmax(dim=-1, keepdim=True)
             idx = torch.cat((idx, next_id), dim=1)
@@ -286,7 +291,7 @@ DEMO_CONFIG = dict(
 PERIOD = 5
 TRAIN_STEPS = 200
 BATCH_SIZE = 32
-LEARNING_RATE = 1e-2
+LEARNING_RATE = 1e2
 EVAL_PROMPTS = 100
 EVAL_NEW_TOKENS = 24
 TARGET_ACCURACY = 0.9
@@ -298,7 +303,7 @@ def make_batch(batch_size, vocab_size, block_size, generator):
     seq = word.repeat(1, block_size // PERIOD + 2)[:, : block_size + 1]
     x = seq[:, :-1]
     y = seq[:, 1:].clone()
-    y[:, : PERIOD - 1] = -1
+    y[:, PERIOD - 1 :] = -1
     return x, y
 
 
@@ -313,8 +318,8 @@ def train(model, steps=TRAIN_STEPS, seed=0):
         )
         _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
-        optimizer.step()
         loss.backward()
+        optimizer.step()
         losses.append(loss.item())
     return losses
 

@@ -1,16 +1,16 @@
 # bugforge exercise, seed 5; planted bugs: 12
+#   copy-backward-overwrites-sum:CopyToShards.backward:0
 #   weight-grad-uses-input-grad:LinearShard.backward:0
 #   parameter-copy-without-no-grad:ParallelLinear:0
 #   shard-weight-through-data:ColumnParallelLinear.forward:0
+#   frequency-divided-outside-exp:sinusoidal_positions:0
 #   position-table-integer-dtype:sinusoidal_positions:0
-#   heads-split-without-transpose:CausalSelfAttention.forward:0
 #   heads-merged-with-wrong-transpose:CausalSelfAttention.forward:0
-#   normal-init-positional-mean:Transformer._init_weights:0
-#   token-embedding-init-too-small:Transformer._init_weights:0
-#   position-embedding-not-added:Transformer.forward:0
-#   cross-entropy-unflattened:Transformer.forward:0
-#   context-crop-keeps-oldest:Transformer.generate:0
-#   step-before-backward:train:0
+#   query-key-zero-init:Transformer._init_weights:0
+#   position-table-indexed-by-token:Transformer.forward:0
+#   ignore-index-mismatch:Transformer.forward:0
+#   learning-rate-exponent-sign:<module>:0
+#   loss-mask-inverted:make_batch:0
 """A small GPT-style transformer with tensor parallelism written out by hand.
 
 Every linear layer keeps its weight as shards, one `nn.Parameter` per shard, and
@@ -44,7 +44,8 @@ class CopyToShards(torch.autograd.Function):
     def backward(ctx, *grads):
         grad = grads[0]
         for g in grads[1:]:
-            grad = grad + g
+            # BUG[backprop]: CopyToShards.backward overwrites the running gradient with each shard's instead of adding it, so the input of every column-parallel layer (q, k, v, MLP, head) only gets the last shard's share and the layers below it follow a wrong gradient. Fix: Sum the shards' gradients: grad = grad + g.
+            grad = g
         return grad, None
 
 
@@ -175,7 +176,8 @@ class RowParallelLinear(ParallelLinear):
 def sinusoidal_positions(num_positions, dim):
     """Fixed position table (num_positions, dim): sin on even features, cos on odd."""
     position = torch.arange(num_positions).unsqueeze(1)  # (T, 1)
-    freq = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))  # (C/2,)
+    # BUG[position]: The division by dim sits outside the exp instead of in the exponent, so freq = 10000^(-2i) / dim: the first frequency is 1/dim and all the others underflow to zero, the table barely changes across the block, and the model can hardly tell one position from another. Fix: Divide inside the exponent: torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim)).
+    freq = torch.exp(torch.arange(0, dim, 2) * -math.log(10000.0)) / dim  # (C/2,)
     # BUG[position]: The table is allocated with position.new_zeros, which inherits the int64 dtype of the arange, so every sin and cos value written into it is truncated to 0 (only cos at position 0 stays 1): the positions after the first are indistinguishable and the model cannot tell them apart. Fix: Allocate a float table: pe = torch.zeros(num_positions, dim).
     pe = position.new_zeros(num_positions, dim)
     pe[:, 0::2] = torch.sin(position * freq)
@@ -200,8 +202,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.size()
         hs = C // self.num_heads
-        # BUG[shape]: The projection (B, T, C) is viewed straight as (B, nh, T, hs) instead of (B, T, nh, hs) and transposed, so each row of a head mixes the features of several positions in a pattern that depends on T: training at the full length learns around it, but generation at other lengths attends with scrambled vectors. Fix: Split the features first, then move the head axis forward: .view(B, T, nh, hs).transpose(1, 2).
-        q = self.q(x).view(B, self.num_heads, T, hs)  # (B, nh, T, hs)
+        q = self.q(x).view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k(x).view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = self.v(x).view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
@@ -257,20 +258,22 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, ParallelLinear):
                 full = torch.empty(module.out_features, module.in_features)
-                # BUG[init]: nn.init.normal_'s second positional argument is the mean, not the std, so every linear weight is drawn from N(0.02, 1) instead of N(0, 0.02): 50 times too large, so the attention scores and logits start huge, the softmaxes saturate and their gradients vanish, and training crawls. Fix: Pass the spread by keyword: nn.init.normal_(full, mean=0.0, std=0.02).
-                nn.init.normal_(full, 0.02)
+                nn.init.normal_(full, mean=0.0, std=0.02)
                 module.load_full_weight(full)
             elif isinstance(module, nn.Embedding):
                 # larger than 0.02 so the tokens don't drown in the unit-size sinusoids
-                # BUG[init]: The token embedding is drawn with std 0.02 while the sinusoidal positions it is added to have unit size, so the token identity is a faint ripple on the position signal and attention cannot tell tokens apart for most of training. Fix: Draw the token embedding on the scale of the position table, e.g. nn.init.normal_(module.weight, mean=0.0, std=0.3).
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                nn.init.normal_(module.weight, mean=0.0, std=0.3)
         # GPT-2: shrink the projections into the residual stream with depth
         residual_std = 0.02 / math.sqrt(2 * self.num_layers)
+        # BUG[init]: Both the query and the key projections start at zero (their biases are zero too), so every attention score is 0, and the gradient reaching the queries is proportional to the keys and vice versa: both stay zero forever, attention stays uniform over the past, and no token can be looked up. Fix: Drop the zero init of q and k (zeroing the query alone would still let the key, and then the query, learn).
         for block in self.blocks:
             for layer in (block.attn.proj, block.mlp.fc2):
                 full = torch.empty(layer.out_features, layer.in_features)
                 nn.init.normal_(full, mean=0.0, std=residual_std)
                 layer.load_full_weight(full)
+            for layer in (block.attn.q, block.attn.k):
+                for w in layer.weight:
+                    nn.init.zeros_(w)
 
     def forward(self, idx, targets=None):
         """idx: (B, T) token ids, T <= block_size; targets: (B, T), -1 = ignore.
@@ -282,24 +285,25 @@ class Transformer(nn.Module):
         assert T <= self.block_size, (
             f"sequence of {T} exceeds block_size {self.block_size}"
         )
-        # BUG[position]: The position table is never added to the token embeddings, so the model sees an unordered bag of tokens (the causal mask alone gives it only a vague sense of position) and cannot pick out the token exactly one period back. Fix: Add the position rows: x = self.tok_emb(idx) + self.pos_emb[:T].
-        x = self.tok_emb(idx)  # (B, T, C)
+        # BUG[position]: The position table is indexed with the token ids instead of the positions 0..T-1, so each token gets a vector that says which token it is, not where it stands: the model has no position information and cannot find the token one period back (it only runs because vocab_size == block_size here). Fix: Take the first T rows of the table: self.pos_emb[:T].
+        x = self.tok_emb(idx) + self.pos_emb[idx]  # (B, T, C)
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
         logits = self.head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
-            # BUG[loss]: The (B, T, vocab) logits go into cross_entropy without flattening, and cross_entropy takes dim 1 as the classes: it scores the T positions as classes at each vocabulary slot, so the model is trained on a meaningless objective (it only runs because T == vocab_size here). Fix: Flatten both: F.cross_entropy(logits.view(B * T, -1), targets.view(B * T), ignore_index=-1).
-            loss = F.cross_entropy(logits, targets, ignore_index=-1)
+            # BUG[loss]: cross_entropy ignores the default -100 while make_batch marks the first period with -1, so the -1 targets are taken as class ids and the loss fails on the first batch. Fix: Ignore the marker make_batch uses: ignore_index=-1.
+            loss = F.cross_entropy(
+                logits.view(B * T, -1), targets.view(B * T), ignore_index=-100
+            )
         return logits, loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens):
         """Greedily extend idx (B, T) by max_new_tokens; returns (B, T + max_new_tokens)."""
         for _ in range(max_new_tokens):
-            # BUG[generate]: The context is cropped to the first block_size tokens instead of the last, so once the sequence outgrows the block the model sees the same frozen window every step and keeps predicting the token that follows it. Fix: Keep the most recent tokens: idx[:, -self.block_size :].
-            idx_cond = idx[:, : self.block_size]
+            idx_cond = idx[:, -self.block_size :]
             logits, _ = self(idx_cond)
             next_id = logits[:, -1, :].argmax(dim=-1, keepdim=True)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)
@@ -315,7 +319,8 @@ DEMO_CONFIG = dict(
 PERIOD = 5
 TRAIN_STEPS = 200
 BATCH_SIZE = 32
-LEARNING_RATE = 1e-2
+# BUG[training]: The learning rate's exponent lost its minus sign (1e2 instead of 1e-2), so every AdamW step moves each weight by about 100: the weights jump far past any minimum and the loss explodes instead of falling. Fix: Restore the negative exponent: LEARNING_RATE = 1e-2.
+LEARNING_RATE = 1e2
 EVAL_PROMPTS = 100
 EVAL_NEW_TOKENS = 24
 TARGET_ACCURACY = 0.9
@@ -327,7 +332,8 @@ def make_batch(batch_size, vocab_size, block_size, generator):
     seq = word.repeat(1, block_size // PERIOD + 2)[:, : block_size + 1]
     x = seq[:, :-1]
     y = seq[:, 1:].clone()
-    y[:, : PERIOD - 1] = -1
+    # BUG[loss]: The ignore mask covers everything after the first period instead of the first period itself, so the loss is taken only where the next token is random and unpredictable: the model can learn nothing but the token frequencies. Fix: Ignore the first period only: y[:, : PERIOD - 1] = -1.
+    y[:, PERIOD - 1 :] = -1
     return x, y
 
 
@@ -336,15 +342,14 @@ def train(model, steps=TRAIN_STEPS, seed=0):
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, foreach=True)
     losses = []
-    # BUG[training]: optimizer.step runs before loss.backward, so each update uses gradients that zero_grad has already cleared and the fresh ones are cleared before the next step: no update ever happens and the model stays at its init. Fix: Call loss.backward() first, then optimizer.step().
     for _ in range(steps):
         x, y = make_batch(
             BATCH_SIZE, model.tok_emb.num_embeddings, model.block_size, generator
         )
         _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
-        optimizer.step()
         loss.backward()
+        optimizer.step()
         losses.append(loss.item())
     return losses
 
