@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import libcst as cst
+import libcst.matchers as m
 
 CATEGORIES = (
     "gradients",
@@ -51,6 +52,26 @@ class Context:
     def function(self) -> str:
         """The innermost enclosing function's own name ("" at module level)."""
         return self.scope.rsplit(".", 1)[-1] if self.scope != "<module>" else ""
+
+    @property
+    def function_node(self) -> cst.FunctionDef | None:
+        """The innermost enclosing function definition."""
+        for node in reversed(self.ancestors):
+            if isinstance(node, cst.FunctionDef):
+                return node
+        return None
+
+    def assigns_to(self, target: str | m.BaseMatcherNode) -> bool:
+        """Is the node the value of an assignment whose single target is `target`
+        (a plain name, or a matcher such as `self.weight`)?"""
+        if isinstance(target, str):
+            target = m.Name(target)
+        return m.matches(self.parent, m.Assign(targets=[m.AssignTarget(target=target)]))
+
+    def inside_assignment_to(self, name: str) -> bool:
+        """Does the node sit anywhere inside the value of an assignment to `name`?"""
+        pattern = m.Assign(targets=[m.AssignTarget(target=m.Name(name))])
+        return any(m.matches(a, pattern) for a in self.ancestors)
 
 
 class Rule:

@@ -10,14 +10,6 @@ import libcst.matchers as m
 from mutations.base import Example, Rule
 
 
-def _in_assignment_to(ctx, name):
-    """Does the node sit inside the value of an assignment to the plain name `name`?"""
-    return any(
-        m.matches(a, m.Assign(targets=[m.AssignTarget(target=m.Name(name))]))
-        for a in ctx.ancestors
-    )
-
-
 class CopyBackwardOverwritesSum(Rule):
     name = "copy-backward-overwrites-sum"
     category = "backprop"
@@ -158,7 +150,7 @@ class WeightGradUsesInputGrad(Rule):
         return (
             ctx.scope == "LinearShard.backward"
             and node.value == "x"
-            and _in_assignment_to(ctx, "grad_weight")
+            and ctx.inside_assignment_to("grad_weight")
         )
 
     def mutate(self, node, ctx):

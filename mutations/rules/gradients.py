@@ -39,18 +39,13 @@ def _on_own_line(indent):
 
 def _shard_list(ctx):
     """Is the node the shard list of a ParallelLinear (self.weight = ...)?"""
-    return ctx.scope == "ParallelLinear.__init__" and _assigns_to(
-        ctx, m.Attribute(value=m.Name("self"), attr=m.Name("weight"))
+    return ctx.scope == "ParallelLinear.__init__" and ctx.assigns_to(
+        m.Attribute(value=m.Name("self"), attr=m.Name("weight"))
     )
 
 
 def _detached(node):
     return cst.Call(func=cst.Attribute(value=node, attr=cst.Name("detach")))
-
-
-def _assigns_to(ctx, target):
-    """Is the node the value of an assignment whose single target matches `target`?"""
-    return m.matches(ctx.parent, m.Assign(targets=[m.AssignTarget(target=target)]))
 
 
 class AttentionWeightsDetached(Rule):
@@ -82,7 +77,7 @@ class AttentionWeightsDetached(Rule):
                 func=m.Attribute(attr=m.Name("softmax")),
                 args=[m.Arg(value=m.Name("att")), m.ZeroOrMore()],
             ),
-        ) and _assigns_to(ctx, m.Name("att"))
+        ) and ctx.assigns_to(m.Name("att"))
 
     def mutate(self, node, ctx):
         return _detached(node)
@@ -241,7 +236,7 @@ class BlockOutputDetached(Rule):
     def find(self, node, ctx):
         return m.matches(
             node, m.Call(func=m.Name("block"), args=[m.Arg(m.Name("x"))])
-        ) and _assigns_to(ctx, m.Name("x"))
+        ) and ctx.assigns_to(m.Name("x"))
 
     def mutate(self, node, ctx):
         return _detached(node)

@@ -26,14 +26,6 @@ def _one_line(call):
     return call.with_changes(args=args, whitespace_before_args=cst.SimpleWhitespace(""))
 
 
-def _in_assignment_to(ctx, name):
-    """Is the node inside the value of an assignment to the plain name `name`?"""
-    return any(
-        m.matches(a, m.Assign(targets=[m.AssignTarget(target=m.Name(name))]))
-        for a in ctx.ancestors
-    )
-
-
 class TargetsNotShifted(Rule):
     name = "targets-not-shifted"
     category = "loss"
@@ -55,7 +47,7 @@ class TargetsNotShifted(Rule):
     untouched = ("x = seq[:, 1:]\n", "y = seq[:, :-1].clone()\n")
 
     def find(self, node, ctx):
-        return _in_assignment_to(ctx, "y") and m.matches(
+        return ctx.inside_assignment_to("y") and m.matches(
             node,
             m.Subscript(
                 slice=[

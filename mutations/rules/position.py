@@ -14,24 +14,9 @@ POS_ROWS = m.Subscript(
 )
 
 
-def _assigns_to(ctx, name):
-    """Is the node the value of an assignment to the plain name `name`?"""
-    return m.matches(
-        ctx.parent, m.Assign(targets=[m.AssignTarget(target=m.Name(name))])
-    )
-
-
-def _function(ctx):
-    """The innermost enclosing function definition, or None."""
-    for node in reversed(ctx.ancestors):
-        if isinstance(node, cst.FunctionDef):
-            return node
-    return None
-
-
 def _function_has_param(ctx, name):
     """Does the innermost enclosing function take a parameter called `name`?"""
-    function = _function(ctx)
+    function = ctx.function_node
     return function is not None and any(
         p.name.value == name for p in function.params.params
     )
@@ -39,7 +24,7 @@ def _function_has_param(ctx, name):
 
 def _function_assigns(ctx, name):
     """Does the innermost enclosing function assign to the plain name `name`?"""
-    function = _function(ctx)
+    function = ctx.function_node
     target = m.Assign(targets=[m.AssignTarget(target=m.Name(name))])
     return function is not None and bool(m.findall(function, target))
 
@@ -151,7 +136,7 @@ class FrequencyDividedOutsideExp(Rule):
                 lpar=[m.AtLeastN(n=1)],
             ),
         )
-        return _assigns_to(ctx, "freq") and m.matches(
+        return ctx.assigns_to("freq") and m.matches(
             node,
             m.Call(func=m.Attribute(attr=m.Name("exp")), args=[m.Arg(value=scaled)]),
         )
@@ -199,7 +184,7 @@ class PositionTableIntegerDtype(Rule):
 
     def find(self, node, ctx):
         return (
-            _assigns_to(ctx, "pe")
+            ctx.assigns_to("pe")
             and m.matches(
                 node,
                 m.Call(
