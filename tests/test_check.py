@@ -4,34 +4,21 @@ Each check run is a child process of several seconds, so this file runs few of t
 """
 
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from mutations import engine
 from mutations.base import CATEGORIES, all_rules
+from tests.helpers import bugforge
 from tools.check import CHECK_IDS, CHECKS, run_check
 from tools.exercise import BUGGY_NAME, build_exercise
 
-REPO = Path(__file__).resolve().parents[1]
 CLEAN = engine.CLEAN_SOURCE.read_text()
 SEED = 3
 # Generous: the suite shares two cores with other tests; a check takes ~10 s alone.
 TIMEOUT = 300
 RULES = {r.name: r for r in all_rules()}
-
-
-def bugforge(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT + 60,
-    )
 
 
 def write(tmp_path, text, name=BUGGY_NAME):
@@ -68,7 +55,7 @@ def test_the_stripped_exercise_fails_and_the_output_names_no_bug_and_no_line(
     exercise = build_exercise(SEED)
     path = write(tmp_path, exercise.files[BUGGY_NAME])
 
-    result = bugforge("check", "--hint", "--timeout", str(TIMEOUT), str(path))
+    result = run_bugforge("check", "--hint", "--timeout", str(TIMEOUT), str(path))
 
     assert result.returncode == 1, result.stdout + result.stderr
     out = result.stdout
@@ -85,7 +72,7 @@ def test_the_stripped_exercise_fails_and_the_output_names_no_bug_and_no_line(
 def test_the_clean_model_passes_every_check(tmp_path):
     path = write(tmp_path, CLEAN)
 
-    result = bugforge("check", "--timeout", str(TIMEOUT), str(path))
+    result = run_bugforge("check", "--timeout", str(TIMEOUT), str(path))
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.rstrip().endswith("0 checks failing")
@@ -155,7 +142,7 @@ def test_a_syntax_error_is_reported_at_once_without_running_the_file(tmp_path):
     )
 
     start = time.perf_counter()
-    result = bugforge("check", str(path))
+    result = run_bugforge("check", str(path))
 
     assert time.perf_counter() - start < 10
     assert result.returncode == 1
@@ -181,7 +168,7 @@ def test_a_file_that_kills_the_process_keeps_the_checks_finished_before(tmp_path
 
 
 def test_a_missing_file_is_a_one_line_error():
-    result = bugforge("check", "/nonexistent/transformer_buggy.py")
+    result = run_bugforge("check", "/nonexistent/transformer_buggy.py")
 
     assert result.returncode == 2
     assert result.stderr.strip() == (
@@ -203,3 +190,7 @@ def test_every_autograd_function_of_the_clean_model_has_test_inputs():
         check_worker._function_inputs()
     )
     assert check_worker.reference_functions()
+
+
+def run_bugforge(*args):
+    return bugforge(*args, timeout=TIMEOUT + 60)

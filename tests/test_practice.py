@@ -6,12 +6,12 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from mutations import engine
 from mutations.base import all_rules
+from tests.helpers import REPO, bugforge
 from tools.exercise import ANNOTATED_NAME, BUGGY_NAME, CLEAN_NAME, build_exercise
 from tools.practice import (
     README_NAME,
@@ -22,19 +22,8 @@ from tools.practice import (
     judge,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 SEED = 4
 SOFTMAX = "softmax-over-queries:CausalSelfAttention.forward:0"
-
-
-def bugforge(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def planted(sites, seed=SEED):
