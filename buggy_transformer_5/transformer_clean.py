@@ -334,6 +334,7 @@ def evaluate(model, seed=1234):
 
 
 def main():
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = Transformer(**DEMO_CONFIG)
     start = time.perf_counter()
