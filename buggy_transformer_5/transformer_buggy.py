@@ -106,13 +106,12 @@ class ParallelLinear(nn.Module):
             "features must split evenly into shards"
         )
         shape[shard_dim] //= num_shards
-        self.weight = nn.ParameterList(
-            nn.Parameter(torch.empty(shape)) for _ in range(num_shards)
-        )
+        self.weight = nn.ParameterList([nn.Parameter(torch.empty(shape))] * num_shards)
 
     def full_weight(self):
         return torch.cat(list(self.weight), dim=self.shard_dim)
 
+    @torch.no_grad()
     def load_full_weight(self, full):
         chunks = full.chunk(len(self.weight), dim=self.shard_dim)
         for w, chunk in zip(self.weight, chunks):
@@ -184,7 +183,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         hs = C // self.num_heads
         q = self.q(x).view(B, T, self.num_heads, hs).transpose(1, 2)
-        k = self.k(x).view(B, T, self.num_heads, hs).transpose(1, 2)
+        k = self.k(x).view(B, self.num_heads, T, hs)
         v = self.v(x).view(B, T, self.num_heads, hs).transpose(1, 2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
         att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
@@ -241,7 +240,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(full, mean=0.0, std=0.02)
                 module.load_full_weight(full)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.3)
+                nn.init.normal_(module.weight, mean=0.0, std=module.embedding_dim**0.5)
         residual_std = 0.02 / math.sqrt(2 * self.num_layers)
         for block in self.blocks:
             for layer in (block.attn.proj, block.mlp.fc2):
@@ -262,7 +261,7 @@ class Transformer(nn.Module):
         assert T <= self.block_size, (
             f"sequence of {T} exceeds block_size {self.block_size}"
         )
-        x = self.tok_emb(idx) + self.pos_emb[idx]
+        x = self.tok_emb(idx)
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
@@ -270,7 +269,7 @@ class Transformer(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.view(B * T, -1), targets.view(B * T), ignore_index=-100
+                logits.view(B * T, -1), targets.view(B * T), ignore_index=-1
             )
         return logits, loss
 
@@ -291,7 +290,7 @@ DEMO_CONFIG = dict(
 PERIOD = 5
 TRAIN_STEPS = 200
 BATCH_SIZE = 32
-LEARNING_RATE = 1e2
+LEARNING_RATE = 1e-2
 EVAL_PROMPTS = 100
 EVAL_NEW_TOKENS = 24
 TARGET_ACCURACY = 0.9

@@ -1,15 +1,15 @@
 # bugforge exercise, seed 5; planted bugs: 12
 #   copy-backward-overwrites-sum:CopyToShards.backward:0
 #   weight-grad-uses-input-grad:LinearShard.backward:0
-#   parameter-copy-without-no-grad:ParallelLinear:0
+#   weight-shards-aliased:ParallelLinear.__init__:0
 #   shard-weight-through-data:ColumnParallelLinear.forward:0
 #   frequency-divided-outside-exp:sinusoidal_positions:0
 #   position-table-integer-dtype:sinusoidal_positions:0
+#   heads-split-without-transpose:CausalSelfAttention.forward:1
 #   heads-merged-with-wrong-transpose:CausalSelfAttention.forward:0
+#   token-embedding-init-too-large:Transformer._init_weights:0
 #   query-key-zero-init:Transformer._init_weights:0
-#   position-table-indexed-by-token:Transformer.forward:0
-#   ignore-index-mismatch:Transformer.forward:0
-#   learning-rate-exponent-sign:<module>:0
+#   position-embedding-not-added:Transformer.forward:0
 #   loss-mask-inverted:make_batch:0
 """A small GPT-style transformer with tensor parallelism written out by hand.
 
@@ -121,14 +121,13 @@ class ParallelLinear(nn.Module):
             "features must split evenly into shards"
         )
         shape[shard_dim] //= num_shards
-        self.weight = nn.ParameterList(
-            nn.Parameter(torch.empty(shape)) for _ in range(num_shards)
-        )
+        # BUG[init]: [nn.Parameter(...)] * num_shards repeats one Parameter object instead of making num_shards of them, so all shards of a linear are the same tensor: they start equal and, sharing one gradient, stay equal forever; the output head then gives token i and token i + vocab_size / 2 the same logit up to a bias, and the two attention heads are one head. Fix: Make a fresh Parameter per shard: nn.ParameterList(nn.Parameter(...) for _ in range(num_shards)).
+        self.weight = nn.ParameterList([nn.Parameter(torch.empty(shape))] * num_shards)
 
     def full_weight(self):
         return torch.cat(list(self.weight), dim=self.shard_dim)
 
-    # BUG[init]: The method that copies initial values into the weight shards runs with autograd on, and an in-place copy_ into a leaf parameter that requires grad is refused, so the model cannot even be built. Fix: Decorate the method with @torch.no_grad() (or copy inside `with torch.no_grad():`).
+    @torch.no_grad()
     def load_full_weight(self, full):
         chunks = full.chunk(len(self.weight), dim=self.shard_dim)
         for w, chunk in zip(self.weight, chunks):
@@ -203,7 +202,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         hs = C // self.num_heads
         q = self.q(x).view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k(x).view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        # BUG[shape]: The projection (B, T, C) is viewed straight as (B, nh, T, hs) instead of (B, T, nh, hs) and transposed, so each row of a head mixes the features of several positions in a pattern that depends on T: training at the full length learns around it, but generation at other lengths attends with scrambled vectors. Fix: Split the features first, then move the head axis forward: .view(B, T, nh, hs).transpose(1, 2).
+        k = self.k(x).view(B, self.num_heads, T, hs)  # (B, nh, T, hs)
         v = self.v(x).view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
         att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
@@ -262,7 +262,8 @@ class Transformer(nn.Module):
                 module.load_full_weight(full)
             elif isinstance(module, nn.Embedding):
                 # larger than 0.02 so the tokens don't drown in the unit-size sinusoids
-                nn.init.normal_(module.weight, mean=0.0, std=0.3)
+                # BUG[init]: The token embedding is drawn with std sqrt(dim) (the original Transformer's 'multiply the embeddings by sqrt(d_model)' folded into the init), so each token vector is about eight times the size of the unit-size sinusoids it is added to; after the pre-norm the position is a faint ripple on the token, Adam's small steps cannot shrink the table in time, and attention cannot find the token one period back. Fix: Draw the token embedding on the scale of the position table: nn.init.normal_(module.weight, mean=0.0, std=0.3).
+                nn.init.normal_(module.weight, mean=0.0, std=module.embedding_dim**0.5)
         # GPT-2: shrink the projections into the residual stream with depth
         residual_std = 0.02 / math.sqrt(2 * self.num_layers)
         # BUG[init]: Both the query and the key projections start at zero (their biases are zero too), so every attention score is 0, and the gradient reaching the queries is proportional to the keys and vice versa: both stay zero forever, attention stays uniform over the past, and no token can be looked up. Fix: Drop the zero init of q and k (zeroing the query alone would still let the key, and then the query, learn).
@@ -285,17 +286,16 @@ class Transformer(nn.Module):
         assert T <= self.block_size, (
             f"sequence of {T} exceeds block_size {self.block_size}"
         )
-        # BUG[position]: The position table is indexed with the token ids instead of the positions 0..T-1, so each token gets a vector that says which token it is, not where it stands: the model has no position information and cannot find the token one period back (it only runs because vocab_size == block_size here). Fix: Take the first T rows of the table: self.pos_emb[:T].
-        x = self.tok_emb(idx) + self.pos_emb[idx]  # (B, T, C)
+        # BUG[position]: The position table is never added to the token embeddings, so the model sees an unordered bag of tokens (the causal mask alone gives it only a vague sense of position) and cannot pick out the token exactly one period back. Fix: Add the position rows: x = self.tok_emb(idx) + self.pos_emb[:T].
+        x = self.tok_emb(idx)  # (B, T, C)
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
         logits = self.head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
-            # BUG[loss]: cross_entropy ignores the default -100 while make_batch marks the first period with -1, so the -1 targets are taken as class ids and the loss fails on the first batch. Fix: Ignore the marker make_batch uses: ignore_index=-1.
             loss = F.cross_entropy(
-                logits.view(B * T, -1), targets.view(B * T), ignore_index=-100
+                logits.view(B * T, -1), targets.view(B * T), ignore_index=-1
             )
         return logits, loss
 
@@ -319,8 +319,7 @@ DEMO_CONFIG = dict(
 PERIOD = 5
 TRAIN_STEPS = 200
 BATCH_SIZE = 32
-# BUG[training]: The learning rate's exponent lost its minus sign (1e2 instead of 1e-2), so every AdamW step moves each weight by about 100: the weights jump far past any minimum and the loss explodes instead of falling. Fix: Restore the negative exponent: LEARNING_RATE = 1e-2.
-LEARNING_RATE = 1e2
+LEARNING_RATE = 1e-2
 EVAL_PROMPTS = 100
 EVAL_NEW_TOKENS = 24
 TARGET_ACCURACY = 0.9

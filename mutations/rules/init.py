@@ -16,6 +16,18 @@ _LINEAR_NORMAL_INIT = m.Call(
     ],
 )
 
+LINE_LENGTH = 88  # ruff's, from pyproject.toml
+
+
+def _indent(ctx):
+    """Width of the indentation of the statement the node sits in."""
+    unit = ctx.ancestors[0].default_indent if ctx.ancestors else "    "
+    return sum(
+        len(unit if block.indent is None else block.indent)
+        for block in ctx.ancestors
+        if isinstance(block, cst.IndentedBlock)
+    )
+
 
 class NormalInitPositionalMean(Rule):
     name = "normal-init-positional-mean"
@@ -237,3 +249,239 @@ class ParameterCopyWithoutNoGrad(Rule):
     def mutate(self, node, ctx):
         decorators = [d for d in node.decorators if not m.matches(d, self._NO_GRAD)]
         return node.with_changes(decorators=decorators)
+
+
+class TokenEmbeddingInitTooLarge(Rule):
+    name = "token-embedding-init-too-large"
+    category = "init"
+    description = (
+        "The token embedding is drawn with std sqrt(dim) (the original Transformer's"
+        " 'multiply the embeddings by sqrt(d_model)' folded into the init), so each"
+        " token vector is about eight times the size of the unit-size sinusoids it"
+        " is added to; after the pre-norm the position is a faint ripple on the token,"
+        " Adam's small steps cannot shrink the table in time, and attention cannot"
+        " find the token one period back"
+    )
+    fix = (
+        "Draw the token embedding on the scale of the position table:"
+        " nn.init.normal_(module.weight, mean=0.0, std=0.3)"
+    )
+    symptom = "degraded"
+    nodes = (cst.Call,)
+    examples = (
+        Example(
+            before=(
+                "if isinstance(module, nn.Embedding):\n"
+                "    nn.init.normal_(module.weight, mean=0.0, std=0.3)\n"
+            ),
+            after=(
+                "if isinstance(module, nn.Embedding):\n"
+                "    nn.init.normal_(module.weight, mean=0.0, std=module.embedding_dim**0.5)\n"
+            ),
+        ),
+    )
+    untouched = (
+        "if isinstance(module, nn.Linear):\n"
+        "    nn.init.normal_(module.weight, mean=0.0, std=0.3)\n",
+        "nn.init.normal_(full, mean=0.0, std=0.02)\n",
+    )
+
+    def find(self, node, ctx):
+        return m.matches(
+            node,
+            m.Call(
+                func=m.Attribute(attr=m.Name("normal_")),
+                args=[
+                    m.Arg(value=m.Attribute(attr=m.Name("weight")), keyword=None),
+                    m.ZeroOrMore(),
+                    m.Arg(keyword=m.Name("std"), value=m.Float()),
+                ],
+            ),
+        ) and any(
+            m.matches(a, TokenEmbeddingInitTooSmall._EMBEDDING_BRANCH)
+            for a in ctx.ancestors
+        )
+
+    def mutate(self, node, ctx):
+        *rest, std = node.args
+        # module.weight -> module.embedding_dim**0.5
+        dim = rest[0].value.with_changes(attr=cst.Name("embedding_dim"))
+        scale = cst.BinaryOperation(
+            left=dim,
+            operator=cst.Power(
+                whitespace_before=cst.SimpleWhitespace(""),
+                whitespace_after=cst.SimpleWhitespace(""),
+            ),
+            right=cst.Float("0.5"),
+        )
+        return node.with_changes(args=[*rest, std.with_changes(value=scale)])
+
+
+class ValueAndOutputProjectionZeroInit(Rule):
+    name = "value-and-output-projection-zero-init"
+    category = "init"
+    description = (
+        "Both the value projection and the output projection of every attention layer"
+        " start at zero (the 'zero-init the residual branch' trick applied to two"
+        " layers in a row): the gradient reaching v goes through proj's weight and the"
+        " gradient reaching proj is proportional to the values, so both stay zero"
+        " forever, attention adds nothing to the residual stream and no earlier token"
+        " can be copied"
+    )
+    fix = (
+        "Zero at most one of the two (the output projection alone is the usual"
+        " choice) and keep the value projection random"
+    )
+    symptom = "no-learning"
+    nodes = (cst.For,)
+    examples = (
+        Example(
+            before=(
+                "for block in self.blocks:\n"
+                "    for layer in (block.attn.proj, block.mlp.fc2):\n"
+                "        layer.reset()\n"
+            ),
+            after=(
+                "for block in self.blocks:\n"
+                "    for layer in (block.attn.proj, block.mlp.fc2):\n"
+                "        layer.reset()\n"
+                "    for layer in (block.attn.v, block.attn.proj):\n"
+                "        for w in layer.weight:\n"
+                "            nn.init.zeros_(w)\n"
+            ),
+        ),
+    )
+    untouched = (
+        "for block in self.blocks:\n    x = block(x)\n",
+        "for block in blocks:\n    for layer in (block.a, block.b):\n        pass\n",
+    )
+
+    def find(self, node, ctx):
+        # the loop over the blocks that re-initialises some of each block's layers
+        return m.matches(
+            node,
+            m.For(
+                target=m.Name(),
+                iter=m.Attribute(value=m.Name("self"), attr=m.Name("blocks")),
+                body=m.IndentedBlock(body=[m.ZeroOrMore(), m.For(), m.ZeroOrMore()]),
+            ),
+        )
+
+    def mutate(self, node, ctx):
+        block = node.target.value
+        zero_init = cst.parse_statement(
+            f"for layer in ({block}.attn.v, {block}.attn.proj):\n"
+            "    for w in layer.weight:\n"
+            "        nn.init.zeros_(w)\n"
+        )
+        body = node.body
+        return node.with_changes(body=body.with_changes(body=[*body.body, zero_init]))
+
+
+class WeightShardsAliased(Rule):
+    name = "weight-shards-aliased"
+    category = "init"
+    description = (
+        "[nn.Parameter(...)] * num_shards repeats one Parameter object instead of"
+        " making num_shards of them, so all shards of a linear are the same tensor:"
+        " they start equal and, sharing one gradient, stay equal forever; the output"
+        " head then gives token i and token i + vocab_size / 2 the same logit up to a"
+        " bias, and the two attention heads are one head"
+    )
+    fix = (
+        "Make a fresh Parameter per shard: nn.ParameterList(nn.Parameter(...) for _"
+        " in range(num_shards))"
+    )
+    symptom = "degraded"
+    nodes = (cst.Call,)
+    # with one tensor behind every shard, swapping the shards' gradients changes
+    # nothing but the biases: the reversed gather is masked
+    conflicts = ("gather-backward-slices-reversed",)
+    examples = (
+        Example(
+            before=(
+                "class ParallelLinear:\n"
+                "    def __init__(self, shape, num_shards):\n"
+                "        self.weight = nn.ParameterList(\n"
+                "            nn.Parameter(torch.empty(shape)) for _ in range(num_shards)\n"
+                "        )\n"
+            ),
+            after=(
+                "class ParallelLinear:\n"
+                "    def __init__(self, shape, num_shards):\n"
+                "        self.weight = nn.ParameterList("
+                "[nn.Parameter(torch.empty(shape))] * num_shards)\n"
+            ),
+        ),
+        Example(
+            before=(
+                "class ParallelLinear:\n"
+                "    def __init__(self, shape, num_shards):\n"
+                "        self.weight = nn.ParameterList(\n"
+                "            nn.Parameter(torch.empty(shape, dtype=torch.float32))\n"
+                "            for _ in range(num_shards)\n"
+                "        )\n"
+            ),
+            after=(
+                "class ParallelLinear:\n"
+                "    def __init__(self, shape, num_shards):\n"
+                "        self.weight = nn.ParameterList(\n"
+                "            [nn.Parameter(torch.empty(shape, dtype=torch.float32))]"
+                " * num_shards\n"
+                "        )\n"
+            ),
+        ),
+    )
+    untouched = (
+        # the biases start at zero and get different gradients per shard anyway
+        "class ColumnParallelLinear:\n"
+        "    def __init__(self):\n"
+        "        self.bias = nn.ParameterList(\n"
+        "            nn.Parameter(torch.zeros(w.size(0))) for w in self.weight\n"
+        "        )\n",
+        "class ParallelLinear:\n"
+        "    def __init__(self, shape, num_shards):\n"
+        "        self.weight = [nn.Parameter(torch.empty(shape)) for _ in range(n)]\n",
+    )
+
+    _SHARDS = m.Call(
+        func=m.Attribute(value=m.Name("nn"), attr=m.Name("ParameterList")),
+        args=[
+            m.Arg(
+                keyword=None,
+                value=m.GeneratorExp(
+                    elt=m.Call(func=m.Attribute(attr=m.Name("Parameter"))),
+                    for_in=m.CompFor(
+                        target=m.Name("_"),
+                        iter=m.Call(func=m.Name("range"), args=[m.Arg()]),
+                    ),
+                ),
+            )
+        ],
+    )
+
+    def find(self, node, ctx):
+        return (
+            ctx.scope == "ParallelLinear.__init__"
+            and m.matches(node, self._SHARDS)
+            and ctx.assigns_to(m.Attribute(value=m.Name("self"), attr=m.Name("weight")))
+        )
+
+    def mutate(self, node, ctx):
+        (arg,) = node.args
+        generator = arg.value
+        (count,) = generator.for_in.iter.args
+        repeated = cst.BinaryOperation(
+            left=cst.List([cst.Element(generator.elt)]),
+            operator=cst.Multiply(),
+            right=count.value,
+        )
+        flat = node.with_changes(
+            args=[cst.Arg(value=repeated)],
+            whitespace_before_args=cst.SimpleWhitespace(""),
+        )
+        line = cst.Module(body=[]).code_for_node(ctx.parent.with_changes(value=flat))
+        if _indent(ctx) + len(line) <= LINE_LENGTH:
+            return flat
+        # too long for one line: keep the call's layout inside the brackets
+        return node.with_changes(args=[arg.with_changes(value=repeated)])
