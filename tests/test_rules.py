@@ -1,7 +1,9 @@
 """Every rule documents and tests itself: its metadata, its examples, its sites."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import libcst as cst
 import pytest
@@ -94,3 +96,43 @@ def test_every_single_bug_variant_passes_ruff_format_and_lint(tmp_path):
 def test_most_rules_run_without_an_exception():
     crashing = [r.name for r in RULES if r.symptom == "crash"]
     assert len(crashing) <= 0.25 * len(RULES), crashing
+
+
+# What an editor greys out or underlines beyond the project's lint selection: unused
+# unpacked names (RUF059) and unused arguments (ARG) on top of pyflakes and
+# pycodestyle's errors
+EDITOR_LINT = ["--select", "RUF059,ARG,F,E4,E7,E9", "--line-length", "88"]
+
+
+def _diagnostics(report, filename):
+    """The (code, message) pairs ruff reported for one file, locations dropped."""
+    return {
+        (d["code"], d["message"])
+        for d in report
+        if Path(d["filename"]).name == filename
+    }
+
+
+def test_no_single_bug_variant_leaves_a_name_an_editor_flags(tmp_path):
+    """A mutant must not add a diagnostic the clean file lacks: an unused variable
+    or argument that only the bug left behind points straight at it."""
+    (tmp_path / "clean.py").write_text(engine.emit_clean(CLEAN))
+    names = {}
+    for site in SITES:
+        mutant = engine.apply(CLEAN, engine.Plan(None, (site.id,)), RULES)
+        name = site.id.replace(":", "__").replace(".", "_").replace("-", "_") + ".py"
+        (tmp_path / name).write_text(engine.emit_stripped(mutant))
+        names[site.id] = name
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--isolated", *EDITOR_LINT]
+        + ["--output-format", "json", "--exit-zero", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    clean = _diagnostics(report, "clean.py")
+    added = {
+        site: sorted(_diagnostics(report, name) - clean) for site, name in names.items()
+    }
+    assert not {site: found for site, found in added.items() if found}

@@ -4,6 +4,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from mutations.base import Example, Rule
+from mutations.rules._common import COMMA, keyword_arg, negative
 
 
 class SoftmaxOverQueries(Rule):
@@ -35,9 +36,7 @@ class SoftmaxOverQueries(Rule):
         )
 
     def mutate(self, node, ctx):
-        dim = node.args[1].with_changes(
-            value=cst.UnaryOperation(cst.Minus(), cst.Integer("2"))
-        )
+        dim = node.args[1].with_changes(value=negative(2))
         return node.with_changes(args=[node.args[0], dim])
 
 
@@ -76,17 +75,9 @@ class CausalMaskIncludesNextToken(Rule):
         )
 
     def mutate(self, node, ctx):
-        diagonal = cst.Arg(
-            keyword=cst.Name("diagonal"),
-            value=cst.Integer("1"),
-            equal=cst.AssignEqual(
-                whitespace_before=cst.SimpleWhitespace(""),
-                whitespace_after=cst.SimpleWhitespace(""),
-            ),
-        )
+        diagonal = keyword_arg("diagonal", cst.Integer("1"))
         (tensor,) = node.args
-        comma = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
-        return node.with_changes(args=[tensor.with_changes(comma=comma), diagonal])
+        return node.with_changes(args=[tensor.with_changes(comma=COMMA), diagonal])
 
 
 class CausalMaskInverted(Rule):

@@ -110,6 +110,42 @@ class GatherBackwardSlicesReversed(Rule):
         return cst.Call(func=cst.Name("reversed"), args=[cst.Arg(node)])
 
 
+# `x, weight = ctx.saved_tensors`
+_UNPACK_SAVED = m.SimpleStatementLine(
+    body=[
+        m.Assign(
+            targets=[
+                m.AssignTarget(
+                    target=m.Tuple(elements=[m.Element(m.Name("x")), m.Element()])
+                )
+            ],
+            value=m.Attribute(attr=m.Name("saved_tensors")),
+        )
+    ]
+)
+# `grad_weight = ...`
+_WEIGHT_GRAD = m.SimpleStatementLine(
+    body=[m.Assign(targets=[m.AssignTarget(target=m.Name("grad_weight"))])]
+)
+
+
+class _Rename(cst.CSTTransformer):
+    """Renames every plain name `old` to `new`."""
+
+    def __init__(self, old, new):
+        super().__init__()
+        self.old, self.new = old, new
+
+    def leave_Name(self, original_node, updated_node):
+        if updated_node.value == self.old:
+            return updated_node.with_changes(value=self.new)
+        return updated_node
+
+    def leave_Attribute(self, original_node, updated_node):
+        # `y.x` names an attribute, not the variable
+        return updated_node.with_changes(attr=original_node.attr)
+
+
 class WeightGradUsesInputGrad(Rule):
     name = "weight-grad-uses-input-grad"
     category = "backprop"
@@ -119,23 +155,30 @@ class WeightGradUsesInputGrad(Rule):
         " updates carry nothing about the input and the loss stays at chance"
     )
     fix = (
-        "Use the saved input: grad_weight = grad.flatten(0, -2).t() @ x.flatten(0, -2)"
+        "Use the saved input: x, weight = ctx.saved_tensors and grad_weight ="
+        " grad.flatten(0, -2).t() @ x.flatten(0, -2)"
     )
     symptom = "no-learning"
-    nodes = (cst.Name,)
+    # the site is the whole body: the saved input goes unpacked as `_` too, or
+    # nothing would use it
+    nodes = (cst.IndentedBlock,)
     examples = (
         Example(
             before=(
                 "class LinearShard:\n"
                 "    def backward(ctx, grad):\n"
+                "        x, weight = ctx.saved_tensors\n"
                 "        grad_x = grad @ weight\n"
                 "        grad_weight = grad.t() @ x\n"
+                "        return grad_x, grad_weight\n"
             ),
             after=(
                 "class LinearShard:\n"
                 "    def backward(ctx, grad):\n"
+                "        _, weight = ctx.saved_tensors\n"
                 "        grad_x = grad @ weight\n"
                 "        grad_weight = grad.t() @ grad_x\n"
+                "        return grad_x, grad_weight\n"
             ),
         ),
     )
@@ -144,17 +187,32 @@ class WeightGradUsesInputGrad(Rule):
         "    def backward(ctx, grad):\n"
         "        x, weight = ctx.saved_tensors\n"
         "        grad_x = grad @ weight\n",
+        "class LinearShard:\n"
+        "    def forward(ctx, grad):\n"
+        "        x, weight = ctx.saved_tensors\n"
+        "        grad_weight = grad.t() @ x\n",
     )
 
     def find(self, node, ctx):
         return (
             ctx.scope == "LinearShard.backward"
-            and node.value == "x"
-            and ctx.inside_assignment_to("grad_weight")
+            and isinstance(ctx.parent, cst.FunctionDef)
+            and any(m.matches(s, _UNPACK_SAVED) for s in node.body)
+            and any(
+                m.matches(s, _WEIGHT_GRAD) and m.findall(s, m.Name("x"))
+                for s in node.body
+            )
         )
 
     def mutate(self, node, ctx):
-        return node.with_changes(value="grad_x")
+        body = []
+        for statement in node.body:
+            if m.matches(statement, _UNPACK_SAVED):
+                statement = statement.visit(_Rename("x", "_"))
+            elif m.matches(statement, _WEIGHT_GRAD):
+                statement = statement.visit(_Rename("x", "grad_x"))
+            body.append(statement)
+        return node.with_changes(body=body)
 
 
 class InputGradSignFlipped(Rule):

@@ -4,8 +4,8 @@ import libcst as cst
 import libcst.matchers as m
 
 from mutations.base import Example, Rule
+from mutations.rules._common import MINUS_ONE, mirrored_colon
 
-MINUS_ONE = m.UnaryOperation(operator=m.Minus(), expression=m.Integer("1"))
 # `torch.cat((idx, next_id), dim=1)`: the new token appended to the sequence
 APPEND = m.Call(
     func=m.Attribute(value=m.Name("torch"), attr=m.Name("cat")),
@@ -107,12 +107,8 @@ class ContextCropKeepsOldest(Rule):
         )
 
     def mutate(self, node, ctx):
-        colon = node.first_colon.with_changes(
-            whitespace_before=node.first_colon.whitespace_after,
-            whitespace_after=node.first_colon.whitespace_before,
-        )
         return node.with_changes(
-            lower=None, upper=node.lower.expression, first_colon=colon
+            lower=None, upper=node.lower.expression, first_colon=mirrored_colon(node)
         )
 
 

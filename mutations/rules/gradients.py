@@ -4,8 +4,16 @@ import libcst as cst
 import libcst.matchers as m
 
 from mutations.base import Example, Rule
-
-LINE_LENGTH = 88  # ruff's, from pyproject.toml
+from mutations.rules._common import (
+    COMMA,
+    LINE_LENGTH,
+    NO_GRAD,
+    code,
+    fits_on_one_line,
+    is_shard_list,
+    keyword_arg,
+    statement_indent,
+)
 
 # self.weight = nn.ParameterList(<generator>): the shards of a ParallelLinear
 _SHARD_LIST = m.Call(
@@ -14,33 +22,12 @@ _SHARD_LIST = m.Call(
 )
 
 
-def _code(node):
-    return cst.Module(body=[]).code_for_node(node)
-
-
-def _indent(ctx):
-    """Width of the indentation of the statement the node sits in."""
-    unit = ctx.ancestors[0].default_indent if ctx.ancestors else "    "
-    return sum(
-        len(unit if block.indent is None else block.indent)
-        for block in ctx.ancestors
-        if isinstance(block, cst.IndentedBlock)
-    )
-
-
 def _on_own_line(indent):
     """The whitespace that starts a new line, `indent` deeper than the statement."""
     return cst.ParenthesizedWhitespace(
         first_line=cst.TrailingWhitespace(),
         indent=True,
         last_line=cst.SimpleWhitespace(indent),
-    )
-
-
-def _shard_list(ctx):
-    """Is the node the shard list of a ParallelLinear (self.weight = ...)?"""
-    return ctx.scope == "ParallelLinear.__init__" and ctx.assigns_to(
-        m.Attribute(value=m.Name("self"), attr=m.Name("weight"))
     )
 
 
@@ -167,11 +154,16 @@ class SplitBackwardDropsInputGrad(Rule):
     name = "split-backward-drops-input-grad"
     category = "gradients"
     description = (
-        "SplitToShards.backward returns None for its input, so nothing flows back"
-        " through the attention output projection: v, q and k never receive a"
-        " gradient and attention stays at its random init"
+        "SplitToShards.backward guards its input's gradient with"
+        " ctx.needs_input_grad[1], the flag of num_shards (always False for an int),"
+        " instead of x's flag [0], so it always returns None for its input: nothing"
+        " flows back through the attention output projection, v, q and k never"
+        " receive a gradient and attention stays at its random init"
     )
-    fix = "Return the shards' gradients joined: return torch.cat(grads, dim=-1), None"
+    fix = (
+        "Check the input's own flag, ctx.needs_input_grad[0], or simply return"
+        " torch.cat(grads, dim=-1), None"
+    )
     symptom = "degraded"
     nodes = (cst.Return,)
     examples = (
@@ -184,7 +176,8 @@ class SplitBackwardDropsInputGrad(Rule):
             after=(
                 "class SplitToShards:\n"
                 "    def backward(ctx, *grads):\n"
-                "        return None, None\n"
+                "        return torch.cat(grads, dim=-1) if ctx.needs_input_grad[1]"
+                " else None, None\n"
             ),
         ),
     )
@@ -202,15 +195,27 @@ class SplitBackwardDropsInputGrad(Rule):
             node,
             m.Return(
                 value=m.Tuple(
-                    elements=[m.Element(value=~m.Name("None")), m.ZeroOrMore()]
+                    elements=[
+                        m.Element(value=~(m.Name("None") | m.IfExp())),
+                        m.ZeroOrMore(),
+                    ]
                 )
             ),
         )
 
     def mutate(self, node, ctx):
-        first = node.value.elements[0].with_changes(value=cst.Name("None"))
+        # the flag of the function's second input: num_shards, not x
+        saved = ctx.function_node.params.params[0].name
+        flag = cst.Subscript(
+            value=cst.Attribute(value=saved, attr=cst.Name("needs_input_grad")),
+            slice=[cst.SubscriptElement(slice=cst.Index(cst.Integer("1")))],
+        )
+        first = node.value.elements[0]
+        guarded = cst.IfExp(test=flag, body=first.value, orelse=cst.Name("None"))
         return node.with_changes(
-            value=node.value.with_changes(elements=[first, *node.value.elements[1:]])
+            value=node.value.with_changes(
+                elements=[first.with_changes(value=guarded), *node.value.elements[1:]]
+            )
         )
 
 
@@ -306,7 +311,7 @@ class ShardsInPlainList(Rule):
     )
 
     def find(self, node, ctx):
-        return m.matches(node, _SHARD_LIST) and _shard_list(ctx)
+        return m.matches(node, _SHARD_LIST) and is_shard_list(ctx)
 
     def mutate(self, node, ctx):
         (arg,) = node.args
@@ -317,8 +322,7 @@ class ShardsInPlainList(Rule):
                 whitespace_before=cst.SimpleWhitespace(" ")
             ),
         )
-        line = _code(ctx.parent.with_changes(value=flat))
-        if _indent(ctx) + len(line) <= LINE_LENGTH:
+        if fits_on_one_line(ctx, flat):
             return flat
         # too long for one line: keep the call's layout inside the brackets
         return cst.ListComp(
@@ -395,27 +399,23 @@ class WeightShardsFrozen(Rule):
         return (
             m.matches(node, _SHARD_LIST)
             and m.matches(node.args[0].value.elt, parameter)
-            and _shard_list(ctx)
+            and is_shard_list(ctx)
         )
 
     def mutate(self, node, ctx):
         (arg,) = node.args
         generator = arg.value
         (data,) = generator.elt.args
-        frozen = cst.Arg(
-            keyword=cst.Name("requires_grad"),
-            value=cst.Name("False"),
-            equal=cst.AssignEqual(
-                whitespace_before=cst.SimpleWhitespace(""),
-                whitespace_after=cst.SimpleWhitespace(""),
-            ),
-        )
-        comma = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
-        elt = generator.elt.with_changes(args=[data.with_changes(comma=comma), frozen])
+        frozen = keyword_arg("requires_grad", cst.Name("False"))
+        elt = generator.elt.with_changes(args=[data.with_changes(comma=COMMA), frozen])
         generator = generator.with_changes(elt=elt)
         inside = node.whitespace_before_args
         if isinstance(inside, cst.ParenthesizedWhitespace):
-            width = _indent(ctx) + len(inside.last_line.value) + len(_code(generator))
+            width = (
+                statement_indent(ctx)
+                + len(inside.last_line.value)
+                + len(code(generator))
+            )
             if width > LINE_LENGTH:
                 # ruff splits a comprehension that does not fit before its `for`
                 for_in = generator.for_in.with_changes(
@@ -478,15 +478,10 @@ class AttentionForwardWithoutGrad(Rule):
     )
 
     def find(self, node, ctx):
-        no_grad = m.Decorator(
-            decorator=m.Call(
-                func=m.Attribute(value=m.Name("torch"), attr=m.Name("no_grad"))
-            )
-        )
         return (
             ctx.scope == "CausalSelfAttention"
             and node.name.value == "forward"
-            and not any(m.matches(d, no_grad) for d in node.decorators)
+            and not any(m.matches(d, NO_GRAD) for d in node.decorators)
         )
 
     def mutate(self, node, ctx):

@@ -4,6 +4,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from mutations.base import Example, Rule
+from mutations.rules._common import NO_GRAD, fits_on_one_line, is_shard_list
 
 # nn.init.normal_(full, mean=..., std=<literal>): the init of a sharded linear's
 # full weight, before it is cut into shards
@@ -15,18 +16,6 @@ _LINEAR_NORMAL_INIT = m.Call(
         m.Arg(keyword=m.Name("std"), value=m.Float()),
     ],
 )
-
-LINE_LENGTH = 88  # ruff's, from pyproject.toml
-
-
-def _indent(ctx):
-    """Width of the indentation of the statement the node sits in."""
-    unit = ctx.ancestors[0].default_indent if ctx.ancestors else "    "
-    return sum(
-        len(unit if block.indent is None else block.indent)
-        for block in ctx.ancestors
-        if isinstance(block, cst.IndentedBlock)
-    )
 
 
 class NormalInitPositionalMean(Rule):
@@ -147,38 +136,13 @@ class TokenEmbeddingInitTooSmall(Rule):
         )
 
 
-class QueryKeyZeroInit(Rule):
-    name = "query-key-zero-init"
+class _PairZeroInit(Rule):
+    """Zeroes two attention layers of every block after the other inits ran."""
+
+    name = ""  # a base, not a rule
     category = "init"
-    description = (
-        "Both the query and the key projections start at zero (their biases are zero"
-        " too), so every attention score is 0, and the gradient reaching the queries"
-        " is proportional to the keys and vice versa: both stay zero forever,"
-        " attention stays uniform over the past, and no token can be looked up"
-    )
-    fix = (
-        "Drop the zero init of q and k (zeroing the query alone would still let the"
-        " key, and then the query, learn)"
-    )
-    symptom = "degraded"
     nodes = (cst.For,)
-    examples = (
-        Example(
-            before=(
-                "for block in self.blocks:\n"
-                "    for layer in (block.attn.proj, block.mlp.fc2):\n"
-                "        layer.reset()\n"
-            ),
-            after=(
-                "for block in self.blocks:\n"
-                "    for layer in (block.attn.proj, block.mlp.fc2):\n"
-                "        layer.reset()\n"
-                "    for layer in (block.attn.q, block.attn.k):\n"
-                "        for w in layer.weight:\n"
-                "            nn.init.zeros_(w)\n"
-            ),
-        ),
-    )
+    layers: tuple[str, str] = ("", "")  # the two attention layers zeroed
     untouched = (
         "for block in self.blocks:\n    x = block(x)\n",
         "for block in blocks:\n    for layer in (block.a, block.b):\n        pass\n",
@@ -197,13 +161,47 @@ class QueryKeyZeroInit(Rule):
 
     def mutate(self, node, ctx):
         block = node.target.value
+        first, second = (f"{block}.attn.{layer}" for layer in self.layers)
         zero_init = cst.parse_statement(
-            f"for layer in ({block}.attn.q, {block}.attn.k):\n"
+            f"for layer in ({first}, {second}):\n"
             "    for w in layer.weight:\n"
             "        nn.init.zeros_(w)\n"
         )
         body = node.body
         return node.with_changes(body=body.with_changes(body=[*body.body, zero_init]))
+
+
+class QueryKeyZeroInit(_PairZeroInit):
+    name = "query-key-zero-init"
+    layers = ("q", "k")
+    description = (
+        "Both the query and the key projections start at zero (their biases are zero"
+        " too), so every attention score is 0, and the gradient reaching the queries"
+        " is proportional to the keys and vice versa: both stay zero forever,"
+        " attention stays uniform over the past, and no token can be looked up"
+    )
+    fix = (
+        "Drop the zero init of q and k (zeroing the query alone would still let the"
+        " key, and then the query, learn)"
+    )
+    symptom = "degraded"
+    examples = (
+        Example(
+            before=(
+                "for block in self.blocks:\n"
+                "    for layer in (block.attn.proj, block.mlp.fc2):\n"
+                "        layer.reset()\n"
+            ),
+            after=(
+                "for block in self.blocks:\n"
+                "    for layer in (block.attn.proj, block.mlp.fc2):\n"
+                "        layer.reset()\n"
+                "    for layer in (block.attn.q, block.attn.k):\n"
+                "        for w in layer.weight:\n"
+                "            nn.init.zeros_(w)\n"
+            ),
+        ),
+    )
 
 
 class ParameterCopyWithoutNoGrad(Rule):
@@ -235,19 +233,13 @@ class ParameterCopyWithoutNoGrad(Rule):
         "class P:\n    def load(self, full):\n        self.w.copy_(full)\n",
     )
 
-    _NO_GRAD = m.Decorator(
-        decorator=m.Call(
-            func=m.Attribute(value=m.Name("torch"), attr=m.Name("no_grad"))
-        )
-    )
-
     def find(self, node, ctx):
-        return any(m.matches(d, self._NO_GRAD) for d in node.decorators) and bool(
+        return any(m.matches(d, NO_GRAD) for d in node.decorators) and bool(
             m.findall(node.body, m.Call(func=m.Attribute(attr=m.Name("copy_"))))
         )
 
     def mutate(self, node, ctx):
-        decorators = [d for d in node.decorators if not m.matches(d, self._NO_GRAD)]
+        decorators = [d for d in node.decorators if not m.matches(d, NO_GRAD)]
         return node.with_changes(decorators=decorators)
 
 
@@ -317,9 +309,9 @@ class TokenEmbeddingInitTooLarge(Rule):
         return node.with_changes(args=[*rest, std.with_changes(value=scale)])
 
 
-class ValueAndOutputProjectionZeroInit(Rule):
+class ValueAndOutputProjectionZeroInit(_PairZeroInit):
     name = "value-and-output-projection-zero-init"
-    category = "init"
+    layers = ("v", "proj")
     description = (
         "Both the value projection and the output projection of every attention layer"
         " start at zero (the 'zero-init the residual branch' trick applied to two"
@@ -333,7 +325,6 @@ class ValueAndOutputProjectionZeroInit(Rule):
         " choice) and keep the value projection random"
     )
     symptom = "no-learning"
-    nodes = (cst.For,)
     examples = (
         Example(
             before=(
@@ -351,31 +342,6 @@ class ValueAndOutputProjectionZeroInit(Rule):
             ),
         ),
     )
-    untouched = (
-        "for block in self.blocks:\n    x = block(x)\n",
-        "for block in blocks:\n    for layer in (block.a, block.b):\n        pass\n",
-    )
-
-    def find(self, node, ctx):
-        # the loop over the blocks that re-initialises some of each block's layers
-        return m.matches(
-            node,
-            m.For(
-                target=m.Name(),
-                iter=m.Attribute(value=m.Name("self"), attr=m.Name("blocks")),
-                body=m.IndentedBlock(body=[m.ZeroOrMore(), m.For(), m.ZeroOrMore()]),
-            ),
-        )
-
-    def mutate(self, node, ctx):
-        block = node.target.value
-        zero_init = cst.parse_statement(
-            f"for layer in ({block}.attn.v, {block}.attn.proj):\n"
-            "    for w in layer.weight:\n"
-            "        nn.init.zeros_(w)\n"
-        )
-        body = node.body
-        return node.with_changes(body=body.with_changes(body=[*body.body, zero_init]))
 
 
 class WeightShardsAliased(Rule):
@@ -461,11 +427,7 @@ class WeightShardsAliased(Rule):
     )
 
     def find(self, node, ctx):
-        return (
-            ctx.scope == "ParallelLinear.__init__"
-            and m.matches(node, self._SHARDS)
-            and ctx.assigns_to(m.Attribute(value=m.Name("self"), attr=m.Name("weight")))
-        )
+        return m.matches(node, self._SHARDS) and is_shard_list(ctx)
 
     def mutate(self, node, ctx):
         (arg,) = node.args
@@ -480,8 +442,7 @@ class WeightShardsAliased(Rule):
             args=[cst.Arg(value=repeated)],
             whitespace_before_args=cst.SimpleWhitespace(""),
         )
-        line = cst.Module(body=[]).code_for_node(ctx.parent.with_changes(value=flat))
-        if _indent(ctx) + len(line) <= LINE_LENGTH:
+        if fits_on_one_line(ctx, flat):
             return flat
         # too long for one line: keep the call's layout inside the brackets
         return node.with_changes(args=[arg.with_changes(value=repeated)])

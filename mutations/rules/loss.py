@@ -4,26 +4,32 @@ import libcst as cst
 import libcst.matchers as m
 
 from mutations.base import Example, Rule
+from mutations.rules._common import (
+    COMMA,
+    MINUS_ONE,
+    keyword_arg,
+    mirrored_colon,
+    negative,
+)
 
-# `x.view(...)`: a flattening reshape
-VIEW = m.Call(func=m.Attribute(value=m.Name(), attr=m.Name("view")))
+# `x.view(B * T, ...)`: a reshape that flattens the batch and time axes
+FLATTEN = m.Call(
+    func=m.Attribute(value=m.Name(), attr=m.Name("view")),
+    args=[
+        m.Arg(
+            value=m.BinaryOperation(
+                left=m.Name(), operator=m.Multiply(), right=m.Name()
+            )
+        ),
+        m.ZeroOrMore(),
+    ],
+)
 # `F.cross_entropy(...)`
 CROSS_ENTROPY = m.Call(func=m.Attribute(attr=m.Name("cross_entropy")))
-# `-1` as written in the source
-MINUS_ONE = m.UnaryOperation(operator=m.Minus(), expression=m.Integer("1"))
 
 
 def _slice(lower=None, upper=None):
     return cst.SubscriptElement(slice=cst.Slice(lower=lower, upper=upper))
-
-
-def _one_line(call):
-    """The call with its arguments on one line (as ruff formats a short call)."""
-    args = list(call.args)
-    args[-1] = args[-1].with_changes(
-        comma=cst.MaybeSentinel.DEFAULT, whitespace_after_arg=cst.SimpleWhitespace("")
-    )
-    return call.with_changes(args=args, whitespace_before_args=cst.SimpleWhitespace(""))
 
 
 class TargetsNotShifted(Rule):
@@ -60,8 +66,7 @@ class TargetsNotShifted(Rule):
         )
 
     def mutate(self, node, ctx):
-        minus_one = cst.UnaryOperation(cst.Minus(), cst.Integer("1"))
-        return node.with_changes(slice=[node.slice[0], _slice(upper=minus_one)])
+        return node.with_changes(slice=[node.slice[0], _slice(upper=negative(1))])
 
 
 class LossMaskInverted(Rule):
@@ -102,11 +107,9 @@ class LossMaskInverted(Rule):
 
     def mutate(self, node, ctx):
         old = node.slice[1].slice
-        colon = old.first_colon.with_changes(
-            whitespace_before=old.first_colon.whitespace_after,
-            whitespace_after=old.first_colon.whitespace_before,
+        new = old.with_changes(
+            lower=old.upper, upper=None, first_colon=mirrored_colon(old)
         )
-        new = old.with_changes(lower=old.upper, upper=None, first_colon=colon)
         return node.with_changes(
             slice=[node.slice[0], node.slice[1].with_changes(slice=new)]
         )
@@ -116,10 +119,11 @@ class CrossEntropyUnflattened(Rule):
     name = "cross-entropy-unflattened"
     category = "loss"
     description = (
-        "The (B, T, vocab) logits go into cross_entropy without flattening, and"
-        " cross_entropy takes dim 1 as the classes: it scores the T positions as"
-        " classes at each vocabulary slot, so the model is trained on a meaningless"
-        " objective (it only runs because T == vocab_size here)"
+        "The logits are viewed as (B, T, vocab) instead of flattened to"
+        " (B * T, vocab), and cross_entropy takes dim 1 as the classes: it scores the"
+        " T positions as classes at each vocabulary slot, so the model is trained on"
+        " a meaningless objective (it only runs because T == vocab_size == 16 in the"
+        " demo)"
     )
     fix = (
         "Flatten both: F.cross_entropy(logits.view(B * T, -1), targets.view(B * T),"
@@ -134,25 +138,39 @@ class CrossEntropyUnflattened(Rule):
                 "    logits.view(B * T, -1), targets.view(B * T), ignore_index=-1\n"
                 ")\n"
             ),
-            after="loss = F.cross_entropy(logits, targets, ignore_index=-1)\n",
+            after=(
+                "loss = F.cross_entropy(\n"
+                "    logits.view(B, T, -1), targets.view(B, T), ignore_index=-1\n"
+                ")\n"
+            ),
         ),
     )
-    untouched = ("loss = F.cross_entropy(logits, targets)\n",)
+    untouched = (
+        "loss = F.cross_entropy(logits, targets)\n",
+        "loss = F.cross_entropy(logits.view(B, T, -1), targets.view(B, T))\n",
+    )
 
     def find(self, node, ctx):
         return m.matches(
             node,
             m.Call(
                 func=CROSS_ENTROPY.func,
-                args=[m.Arg(value=VIEW), m.Arg(value=VIEW), m.ZeroOrMore()],
+                args=[m.Arg(value=FLATTEN), m.Arg(value=FLATTEN), m.ZeroOrMore()],
             ),
         )
 
     def mutate(self, node, ctx):
         args = list(node.args)
         for i in (0, 1):
-            args[i] = args[i].with_changes(value=args[i].value.func.value)
-        return _one_line(node.with_changes(args=args))
+            view = args[i].value
+            product, *rest = view.args
+            # B * T -> B, T
+            batch = cst.Arg(value=product.value.left, comma=COMMA)
+            time = product.with_changes(value=product.value.right)
+            args[i] = args[i].with_changes(
+                value=view.with_changes(args=[batch, time, *rest])
+            )
+        return node.with_changes(args=args)
 
 
 class SoftmaxBeforeCrossEntropy(Rule):
@@ -183,19 +201,9 @@ class SoftmaxBeforeCrossEntropy(Rule):
         )
 
     def mutate(self, node, ctx):
-        minus_one = cst.UnaryOperation(cst.Minus(), cst.Integer("1"))
         return cst.Call(
             func=cst.Attribute(value=node, attr=cst.Name("softmax")),
-            args=[
-                cst.Arg(
-                    keyword=cst.Name("dim"),
-                    value=minus_one,
-                    equal=cst.AssignEqual(
-                        whitespace_before=cst.SimpleWhitespace(""),
-                        whitespace_after=cst.SimpleWhitespace(""),
-                    ),
-                )
-            ],
+            args=[keyword_arg("dim", negative(1))],
         )
 
 

@@ -77,6 +77,8 @@ class PositionEmbeddingNotAdded(Rule):
     fix = "Add the position rows: x = self.tok_emb(idx) + self.pos_emb[:T]"
     symptom = "degraded"
     nodes = (cst.BinaryOperation,)
+    # with the table unused, any bug in how sinusoidal_positions builds it is masked
+    conflicts = ("frequency-divided-outside-exp", "position-table-integer-dtype")
     examples = (
         Example(
             before="x = self.tok_emb(idx) + self.pos_emb[:T]  # (B, T, C)\n",

@@ -4,16 +4,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from mutations.base import Example, Rule
-
-
-def _method_call(name: str, receiver=m.DoNotCare(), args=m.DoNotCare()):
-    """`<receiver>.<name>(<args>)`"""
-    return m.Call(func=m.Attribute(value=receiver, attr=m.Name(name)), args=args)
-
-
-def _negative(n: int) -> cst.UnaryOperation:
-    return cst.UnaryOperation(operator=cst.Minus(), expression=cst.Integer(str(n)))
-
+from mutations.rules._common import COMMA, keyword_arg, method_call, negative
 
 _INTS_1_2 = [m.Arg(value=m.Integer("1")), m.Arg(value=m.Integer("2"))]
 
@@ -46,8 +37,8 @@ class HeadsSplitWithoutTranspose(Rule):
     )
 
     def find(self, node, ctx):
-        view_4d = _method_call("view", args=[m.Arg()] * 4)
-        return m.matches(node, _method_call("transpose", view_4d, _INTS_1_2))
+        view_4d = method_call("view", args=[m.Arg()] * 4)
+        return m.matches(node, method_call("transpose", view_4d, _INTS_1_2))
 
     def mutate(self, node, ctx):
         view = node.func.value
@@ -56,8 +47,8 @@ class HeadsSplitWithoutTranspose(Rule):
 
 
 # y.transpose(1, 2).contiguous().view(...): heads merged back into (B, T, C)
-_MERGE_HEADS = _method_call(
-    "view", _method_call("contiguous", _method_call("transpose", args=_INTS_1_2))
+_MERGE_HEADS = method_call(
+    "view", method_call("contiguous", method_call("transpose", args=_INTS_1_2))
 )
 
 
@@ -156,8 +147,8 @@ class HeadsMergedWithWrongTranspose(Rule):
         transpose = contiguous.func.value
         first, second = transpose.args
         axes = [
-            first.with_changes(value=_negative(2)),
-            second.with_changes(value=_negative(1)),
+            first.with_changes(value=negative(2)),
+            second.with_changes(value=negative(1)),
         ]
         return node.with_changes(
             func=node.func.with_changes(
@@ -199,21 +190,13 @@ class PatternInterleavedNotTiled(Rule):
     )
 
     def find(self, node, ctx):
-        tile_time = _method_call("repeat", args=[m.Arg(value=m.Integer("1")), m.Arg()])
+        tile_time = method_call("repeat", args=[m.Arg(value=m.Integer("1")), m.Arg()])
         return ctx.function == "make_batch" and m.matches(node, tile_time)
 
     def mutate(self, node, ctx):
         _, times = node.args
-        no_space = cst.SimpleWhitespace("")
-        dim = cst.Arg(
-            keyword=cst.Name("dim"),
-            value=cst.Integer("1"),
-            equal=cst.AssignEqual(
-                whitespace_before=no_space, whitespace_after=no_space
-            ),
-        )
-        comma = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
+        dim = keyword_arg("dim", cst.Integer("1"))
         return node.with_changes(
             func=node.func.with_changes(attr=cst.Name("repeat_interleave")),
-            args=[times.with_changes(comma=comma), dim],
+            args=[times.with_changes(comma=COMMA), dim],
         )

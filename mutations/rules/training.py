@@ -7,13 +7,12 @@ import libcst as cst
 import libcst.matchers as m
 
 from mutations.base import Example, Rule
+from mutations.rules._common import method_call
 
 
 def _method_call(name):
     """A statement line that is just a call of method `name`: `optimizer.step()`."""
-    return m.SimpleStatementLine(
-        body=[m.Expr(m.Call(func=m.Attribute(attr=m.Name(name))))]
-    )
+    return m.SimpleStatementLine(body=[m.Expr(method_call(name))])
 
 
 ZERO_GRAD = _method_call("zero_grad")
@@ -61,9 +60,19 @@ LOOP = (
 )
 
 
-class ZeroGradAfterBackward(Rule):
-    name = "zero-grad-after-backward"
+class _UpdateOrder(Rule):
+    """Moves or drops one of zero_grad, backward and step in the training loop."""
+
+    name = ""  # a base, not a rule
     category = "training"
+    nodes = (cst.IndentedBlock,)
+
+    def find(self, node, ctx):
+        return _update_steps(node) is not None
+
+
+class ZeroGradAfterBackward(_UpdateOrder):
+    name = "zero-grad-after-backward"
     description = (
         "optimizer.zero_grad runs between loss.backward and optimizer.step, so the"
         " gradients are wiped (set to None) just before every update: the optimizer"
@@ -71,7 +80,6 @@ class ZeroGradAfterBackward(Rule):
     )
     fix = "Clear the gradients before backward: zero_grad, then backward, then step"
     symptom = "no-learning"
-    nodes = (cst.IndentedBlock,)
     examples = (
         Example(
             before=LOOP,
@@ -91,9 +99,6 @@ class ZeroGradAfterBackward(Rule):
         "    optimizer.zero_grad()\n",
     )
 
-    def find(self, node, ctx):
-        return _update_steps(node) is not None
-
     def mutate(self, node, ctx):
         zero_grad, backward, _ = _update_steps(node)
         body = list(node.body)
@@ -102,9 +107,8 @@ class ZeroGradAfterBackward(Rule):
         return node.with_changes(body=body)
 
 
-class StepBeforeBackward(Rule):
+class StepBeforeBackward(_UpdateOrder):
     name = "step-before-backward"
-    category = "training"
     description = (
         "optimizer.step runs before loss.backward, so each update uses gradients that"
         " zero_grad has already cleared and the fresh ones are cleared before the"
@@ -112,7 +116,6 @@ class StepBeforeBackward(Rule):
     )
     fix = "Call loss.backward() first, then optimizer.step()"
     symptom = "no-learning"
-    nodes = (cst.IndentedBlock,)
     examples = (
         Example(
             before=LOOP,
@@ -132,9 +135,6 @@ class StepBeforeBackward(Rule):
         "    loss.backward()\n",
     )
 
-    def find(self, node, ctx):
-        return _update_steps(node) is not None
-
     def mutate(self, node, ctx):
         _, backward, step = _update_steps(node)
         body = list(node.body)
@@ -142,9 +142,8 @@ class StepBeforeBackward(Rule):
         return node.with_changes(body=body)
 
 
-class GradientsNeverZeroed(Rule):
+class GradientsNeverZeroed(_UpdateOrder):
     name = "gradients-never-zeroed"
-    category = "training"
     description = (
         "The loop never calls optimizer.zero_grad, so backward adds each step's"
         " gradient to the sum of all earlier ones: the update follows a stale running"
@@ -152,7 +151,6 @@ class GradientsNeverZeroed(Rule):
     )
     fix = "Clear the gradients every step: optimizer.zero_grad() before loss.backward()"
     symptom = "no-learning"
-    nodes = (cst.IndentedBlock,)
     examples = (
         Example(
             before=LOOP,
@@ -165,9 +163,6 @@ class GradientsNeverZeroed(Rule):
         ),
     )
     untouched = ("for x, y in batches:\n    loss.backward()\n    optimizer.step()\n",)
-
-    def find(self, node, ctx):
-        return _update_steps(node) is not None
 
     def mutate(self, node, ctx):
         zero_grad, _, _ = _update_steps(node)
