@@ -86,7 +86,7 @@ class LinearShard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
+        _, weight = ctx.saved_tensors
         grad_x = grad @ weight
         grad_weight = grad.flatten(0, -2).t() @ grad_x.flatten(0, -2)
         return grad_x, grad_weight
@@ -261,7 +261,7 @@ class Transformer(nn.Module):
         assert T <= self.block_size, (
             f"sequence of {T} exceeds block_size {self.block_size}"
         )
-        x = self.tok_emb(idx)
+        x = self.tok_emb(idx) + self.pos_emb[:T]
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
@@ -290,7 +290,7 @@ DEMO_CONFIG = dict(
 PERIOD = 5
 TRAIN_STEPS = 200
 BATCH_SIZE = 32
-LEARNING_RATE = 1e-2
+LEARNING_RATE = 1e2
 EVAL_PROMPTS = 100
 EVAL_NEW_TOKENS = 24
 TARGET_ACCURACY = 0.9

@@ -9,7 +9,7 @@
 #   heads-merged-with-wrong-transpose:CausalSelfAttention.forward:0
 #   token-embedding-init-too-large:Transformer._init_weights:0
 #   query-key-zero-init:Transformer._init_weights:0
-#   position-embedding-not-added:Transformer.forward:0
+#   learning-rate-exponent-sign:<module>:0
 #   loss-mask-inverted:make_batch:0
 """A small GPT-style transformer with tensor parallelism written out by hand.
 
@@ -98,11 +98,11 @@ class LinearShard(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         return x @ weight.t()
 
+    # BUG[backprop]: LinearShard.backward builds the weight gradient from grad_x, the gradient it just computed for the input, instead of the saved input x, so the weight updates carry nothing about the input and the loss stays at chance. Fix: Use the saved input: x, weight = ctx.saved_tensors and grad_weight = grad.flatten(0, -2).t() @ x.flatten(0, -2).
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
+        _, weight = ctx.saved_tensors
         grad_x = grad @ weight
-        # BUG[backprop]: LinearShard.backward builds the weight gradient from grad_x, the gradient it just computed for the input, instead of the saved input x, so the weight updates carry nothing about the input and the loss stays at chance. Fix: Use the saved input: grad_weight = grad.flatten(0, -2).t() @ x.flatten(0, -2).
         grad_weight = grad.flatten(0, -2).t() @ grad_x.flatten(0, -2)
         return grad_x, grad_weight
 
@@ -286,8 +286,7 @@ class Transformer(nn.Module):
         assert T <= self.block_size, (
             f"sequence of {T} exceeds block_size {self.block_size}"
         )
-        # BUG[position]: The position table is never added to the token embeddings, so the model sees an unordered bag of tokens (the causal mask alone gives it only a vague sense of position) and cannot pick out the token exactly one period back. Fix: Add the position rows: x = self.tok_emb(idx) + self.pos_emb[:T].
-        x = self.tok_emb(idx)  # (B, T, C)
+        x = self.tok_emb(idx) + self.pos_emb[:T]  # (B, T, C)
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
@@ -319,7 +318,8 @@ DEMO_CONFIG = dict(
 PERIOD = 5
 TRAIN_STEPS = 200
 BATCH_SIZE = 32
-LEARNING_RATE = 1e-2
+# BUG[training]: The learning rate's exponent lost its minus sign (1e2 instead of 1e-2), so every AdamW step moves each weight by about 100: the weights jump far past any minimum and the loss explodes instead of falling. Fix: Restore the negative exponent: LEARNING_RATE = 1e-2.
+LEARNING_RATE = 1e2
 EVAL_PROMPTS = 100
 EVAL_NEW_TOKENS = 24
 TARGET_ACCURACY = 0.9

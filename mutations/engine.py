@@ -34,6 +34,8 @@ POSITION_SCOPES = frozenset({"sinusoidal_positions"})
 DEFAULT_BUGS = (8, 12)
 # The planner keeps every exercise to at least one bug of each of these families.
 REQUIRED_CATEGORIES = ("gradients", "init", "backprop", "shape")
+# How many greedy draws the planner tries before it says a request cannot be met.
+PLAN_ATTEMPTS = 20
 
 
 class PlanError(ValueError):
@@ -208,6 +210,11 @@ class _Walker(cst.CSTTransformer):
                 raise RuleError(
                     f"rule {rule.name} failed to rewrite its site: {e}"
                 ) from e
+            if not isinstance(updated_node, cst.CSTNode):
+                kind = type(updated_node).__name__
+                raise RuleError(
+                    f"rule {rule.name} returned a {kind}, not a libcst node"
+                )
         if _is_statement(original_node):
             self._statements.pop()
             rule = self._to_annotate.get(id(original_node))
@@ -250,10 +257,6 @@ def apply(module: cst.Module, plan: Plan, rules: list[Rule] | None = None) -> Mu
 
 class _StripComments(cst.CSTTransformer):
     """Removes every comment, and the line it stood on, without touching anything else."""
-
-    @staticmethod
-    def _keep(lines):
-        return [line for line in lines if line.comment is None]
 
     def leave_EmptyLine(self, original_node, updated_node):
         if updated_node.comment is not None:
@@ -310,7 +313,6 @@ def make_plan(
     n_bugs: int | None = None,
     rules: list[Rule] | None = None,
     only: set[str] | None = None,
-    excluded: set[str] = frozenset(),
 ) -> Plan:
     """Draw a seeded, non-overlapping set of sites.
 
@@ -320,28 +322,60 @@ def make_plan(
     in one statement, no pair of rules that declare a conflict, never a majority of
     crash bugs, and at least one of each REQUIRED_CATEGORIES, one in the sharded code
     and one in the positional embedding when the candidates allow. `only` restricts
-    the candidates to these rule names or categories; `excluded` holds site ids or
-    rule names the planner must never select.
+    the candidates to these rule names or categories; without `n_bugs` it then plants
+    as many of them as fit, up to the default. A greedy draw can paint itself into a
+    corner (a site spanning a whole method blocks every other site in it), so a draw
+    that falls short is retried, still from the same generator.
     """
     by_name = rules_by_name(rules)
     rng = random.Random(seed)
     candidates = sorted(
-        (
-            s
-            for s in sites
-            if s.id not in excluded
-            and s.rule not in excluded
-            and (only is None or s.rule in only or s.category in only)
-        ),
+        (s for s in sites if only is None or s.rule in only or s.category in only),
         key=lambda s: s.id,
     )
+    exact = n_bugs is not None
     if n_bugs is None:
         n_bugs = rng.randint(*DEFAULT_BUGS)
+        if only is not None:
+            n_bugs = min(n_bugs, len({s.rule for s in candidates}))
     if n_bugs < 1:
-        raise PlanError(f"--bugs must be at least 1, not {n_bugs}")
+        raise PlanError(
+            f"--bugs must be at least 1, not {n_bugs}"
+            if exact
+            else "no selectable site matches the request"
+        )
     conflicts = _conflicting_rules(by_name)
+    best: list[Site] = []
+    for _ in range(PLAN_ATTEMPTS):
+        chosen = _draw(rng, candidates, n_bugs, by_name, conflicts)
+        if len(chosen) > len(best):
+            best = chosen
+        if len(best) == n_bugs:
+            break
+    if len(best) < n_bugs and (exact or not best):
+        raise PlanError(
+            f"at most {len(best)} non-overlapping bugs could be planted here"
+            f" (best of {PLAN_ATTEMPTS} draws), not {n_bugs}"
+        )
+    best.sort(key=lambda s: (s.line, s.id))
+    return Plan(seed=seed, site_ids=tuple(s.id for s in best))
 
-    def compatible(site: Site, chosen: list[Site]) -> bool:
+
+def _draw(
+    rng: random.Random,
+    candidates: list[Site],
+    n_bugs: int,
+    by_name: dict[str, Rule],
+    conflicts: set[frozenset[str]],
+) -> list[Site]:
+    """One greedy draw: the required kinds of site first, then the rest at random."""
+    chosen: list[Site] = []
+
+    def compatible(site: Site) -> bool:
+        if by_name[site.rule].symptom == "crash":
+            crashes = sum(by_name[c.rule].symptom == "crash" for c in chosen)
+            if 2 * (crashes + 1) > n_bugs:
+                return False
         return all(
             site.rule != c.rule
             and not site.overlaps(c)
@@ -349,19 +383,15 @@ def make_plan(
             for c in chosen
         )
 
-    def crashes(chosen: list[Site]) -> int:
-        return sum(by_name[c.rule].symptom == "crash" for c in chosen)
-
     requirements = [
         *(lambda s, c=c: s.category == c for c in REQUIRED_CATEGORIES),
         lambda s: s.sharded,
         lambda s: s.positional,
     ]
-    chosen: list[Site] = []
     for wanted in requirements:
         if len(chosen) >= n_bugs or any(wanted(c) for c in chosen):
             continue
-        pool = [s for s in candidates if wanted(s) and compatible(s, chosen)]
+        pool = [s for s in candidates if wanted(s) and compatible(s)]
         if pool:
             chosen.append(rng.choice(pool))
     rest = [s for s in candidates if s not in chosen]
@@ -369,14 +399,6 @@ def make_plan(
     for site in rest:
         if len(chosen) >= n_bugs:
             break
-        if not compatible(site, chosen):
-            continue
-        if by_name[site.rule].symptom == "crash" and 2 * (crashes(chosen) + 1) > n_bugs:
-            continue
-        chosen.append(site)
-    if len(chosen) < n_bugs:
-        raise PlanError(
-            f"only {len(chosen)} non-overlapping bugs can be planted here, not {n_bugs}"
-        )
-    chosen.sort(key=lambda s: (s.line, s.id))
-    return Plan(seed=seed, site_ids=tuple(s.id for s in chosen))
+        if compatible(site):
+            chosen.append(site)
+    return chosen

@@ -5,6 +5,7 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -47,6 +48,11 @@ def build_exercise(
             )
     module = engine.parse(engine.CLEAN_SOURCE.read_text())
     sites = selectable_sites(module, rules)
+    for item in only or ():
+        if not any(item in (s.rule, s.category) for s in sites):
+            reasons = [f"{k}: {v}" for k, v in EXCLUDED.items() if item in k.split(":")]
+            why = f" (excluded, {reasons[0]})" if reasons else ""
+            raise UserError(f"{item} has no site the planner may select{why}")
     try:
         plan = engine.make_plan(seed, sites, n_bugs, rules, set(only) if only else None)
     except engine.PlanError as e:
@@ -55,28 +61,29 @@ def build_exercise(
         mutant = engine.apply(module, plan, rules)
     except engine.PlanError as e:
         raise UserError(str(e)) from None
-    files = {
-        CLEAN_NAME: engine.emit_clean(module),
-        ANNOTATED_NAME: engine.emit_annotated(mutant),
-        BUGGY_NAME: engine.emit_stripped(mutant),
-    }
-    # the annotated file is the same code plus comments, and the clean one is ours
     try:
+        files = {
+            CLEAN_NAME: engine.emit_clean(module),
+            ANNOTATED_NAME: engine.emit_annotated(mutant),
+            BUGGY_NAME: engine.emit_stripped(mutant),
+        }
+        # the annotated file is the same code plus comments, and the clean one is ours
         compile(files[BUGGY_NAME], BUGGY_NAME, "exec")
-    except SyntaxError as e:
+    except Exception as e:  # a rule returned a node that cannot be printed or run
         culprit = _first_broken_rule(module, mutant.sites, rules) or "a rule"
+        reason = e.msg if isinstance(e, SyntaxError) else f"{type(e).__name__}: {e}"
         raise UserError(
-            f"{culprit} produced code that does not compile: {e.msg}"
+            f"{culprit} produced code that does not compile: {reason}"
         ) from None
     return Exercise(plan=plan, sites=mutant.sites, files=files)
 
 
 def _first_broken_rule(module, sites, rules) -> str | None:
     for site in sites:
-        alone = engine.apply(module, engine.Plan(None, (site.id,)), rules)
         try:
+            alone = engine.apply(module, engine.Plan(None, (site.id,)), rules)
             compile(alone.module.code, site.id, "exec")
-        except SyntaxError:
+        except Exception:
             return f"rule {site.rule}"
     return None
 
@@ -88,32 +95,48 @@ def _umask() -> int:
 
 
 def write_files(out: Path, files: dict[str, str], force: bool = False) -> None:
-    """Write every file or none: refuse to replace a file whose text differs unless forced."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder", exit_code=2)
-    if not force:
+    """Write every file or none: refuse to replace a file whose text differs unless
+    forced, or a folder in a file's place. Any other failure to write is a UserError
+    too, and leaves no temporary file and no folder this call made behind."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{out} exists and is not a folder", exit_code=2)
         for name, text in files.items():
             path = out / name
-            if path.exists() and path.read_text() != text:
+            if path.is_dir():
+                raise UserError(f"{path} is a folder, not a file", exit_code=2)
+            if not force and path.exists() and path.read_bytes() != text.encode():
                 raise UserError(
                     f"{path} differs from what would be written; use --force to replace it",
                     exit_code=2,
                 )
-    out.mkdir(parents=True, exist_ok=True)
+        _write_all(out, files)
+    except OSError as e:
+        where = e.filename or out
+        raise UserError(f"cannot write {where}: {e.strerror or e}") from None
+
+
+def _write_all(out: Path, files: dict[str, str]) -> None:
+    made = [p for p in (out, *out.parents) if not p.exists()]
     staged = []
     try:
+        out.mkdir(parents=True, exist_ok=True)
         for name, text in files.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; act like open()
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
             staged.append((tmp, out / name))
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; act like open()
+                f.write(text)
         for tmp, path in staged:
             os.replace(tmp, path)
-    finally:
+    except BaseException:
         for tmp, _ in staged:
-            if os.path.exists(tmp):
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        for folder in made:  # deepest first; only the ones still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def run_generate(args) -> int:
