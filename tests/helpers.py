@@ -1,4 +1,5 @@
-"""What several test modules need: running the command line as a user would."""
+"""What several test modules need: running the command line as a user would, and
+editing the clean model's text in one known place."""
 
 import subprocess
 import sys
@@ -16,3 +17,9 @@ def bugforge(*args, timeout=600):
         text=True,
         timeout=timeout,
     )
+
+
+def replace_once(text, old, new):
+    """`text` with its one `old` replaced; fails if `old` is not there exactly once."""
+    assert text.count(old) == 1, f"the clean model changed: {old!r}"
+    return text.replace(old, new)

@@ -10,7 +10,7 @@ import pytest
 
 from mutations import engine
 from mutations.base import CATEGORIES, all_rules
-from tests.helpers import bugforge
+from tests.helpers import bugforge, replace_once
 from tools.check import CHECK_IDS, CHECKS, run_check
 from tools.exercise import BUGGY_NAME, build_exercise
 
@@ -31,11 +31,6 @@ def single_bug(site_id):
     """The clean model with only this bug planted: every other bug fixed."""
     raw = engine.parse(CLEAN)
     return engine.emit_stripped(engine.apply(raw, engine.Plan(SEED, (site_id,))))
-
-
-def replace_once(text, old, new):
-    assert text.count(old) == 1, f"the clean model changed: {old!r}"
-    return text.replace(old, new)
 
 
 def one_bug_per_required_family():

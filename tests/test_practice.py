@@ -11,7 +11,7 @@ import pytest
 
 from mutations import engine
 from mutations.base import all_rules
-from tests.helpers import REPO, bugforge
+from tests.helpers import REPO, bugforge, replace_once
 from tools.exercise import ANNOTATED_NAME, BUGGY_NAME, CLEAN_NAME, build_exercise
 from tools.practice import (
     README_NAME,
@@ -31,11 +31,6 @@ def planted(sites, seed=SEED):
     raw = engine.parse(engine.CLEAN_SOURCE.read_text())
     mutant = engine.apply(raw, engine.Plan(seed, tuple(sites)))
     return mutant, engine.emit_stripped(mutant)
-
-
-def replace_once(text, old, new):
-    assert text.count(old) == 1, f"the clean model changed: {old!r}"
-    return text.replace(old, new)
 
 
 def test_practice_writes_only_the_buggy_file_a_readme_and_the_hidden_record(

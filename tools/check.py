@@ -17,13 +17,14 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mutations.base import CATEGORIES
@@ -102,7 +103,6 @@ class Report:
     results: list[CheckResult]
     problem: str = ""  # why checks could not run (load failure, time limit, crash)
     seconds: float = 0.0
-    events: list[dict] = field(default_factory=list, repr=False)
 
     @property
     def failing(self) -> list[CheckResult]:
@@ -170,7 +170,11 @@ def run_worker(
         return events, None
     internal = [e for e in events if e.get("event") == "internal-error"]
     if internal:
-        raise RuntimeError(f"check worker failed:\n{internal[-1]['traceback']}")
+        lines = internal[-1].get("traceback", "").strip().splitlines()
+        raise UserError(
+            "internal error in the checking process (a bug in bugforge, not in your"
+            f" file): {lines[-1] if lines else _describe_exit(code)}"
+        )
     return events, _describe_exit(code)
 
 
@@ -188,6 +192,8 @@ def run_check(path: str | Path, timeout: float = DEFAULT_TIMEOUT) -> Report:
     """Run every check on the candidate's file in a child process; never raises for
     anything the candidate's code does."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give your exercise file", exit_code=2)
     if not path.is_file():
         raise UserError(f"{path}: no such file", exit_code=2)
     start = time.perf_counter()
@@ -244,7 +250,7 @@ def run_check(path: str | Path, timeout: float = DEFAULT_TIMEOUT) -> Report:
             results.append(CheckResult(spec, "error", f"the process died ({stopped})"))
         else:
             results.append(CheckResult(spec, not_run))
-    return Report(path, results, problem, time.perf_counter() - start, events)
+    return Report(path, results, problem, time.perf_counter() - start)
 
 
 def format_report(report: Report, hint: bool = False) -> str:
@@ -272,9 +278,17 @@ def format_report(report: Report, hint: bool = False) -> str:
     return "\n".join(lines)
 
 
+def check_timeout(seconds: float) -> None:
+    """Refuse a --timeout that is not a positive, finite number of seconds."""
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(
+            f"--timeout must be a positive number of seconds, not {seconds:g}",
+            exit_code=2,
+        )
+
+
 def run(args) -> int:
-    if args.timeout <= 0:
-        raise UserError("--timeout must be positive", exit_code=2)
+    check_timeout(args.timeout)
     report = run_check(args.file, timeout=args.timeout)
     print(format_report(report, hint=args.hint))
     return 0 if report.ok else 1

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 import clean_model.transformer as ref
 from tools.check import CHECK_IDS
+from tools.oracle import load_source
 
 CONFIG = ref.DEMO_CONFIG
 VOCAB = CONFIG["vocab_size"]
@@ -77,16 +78,6 @@ class Events:
     def emit(self, **event) -> None:
         self._file.write(json.dumps(event) + "\n")
         self._file.flush()
-
-
-def load_source(source: str, filename: str, name: str) -> types.ModuleType:
-    """Execute `source` as a fresh module called `name` (so `__main__` code never runs)."""
-    code = compile(source, filename, "exec")
-    module = types.ModuleType(name)
-    module.__file__ = filename
-    sys.modules[name] = module
-    exec(code, module.__dict__)
-    return module
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -540,7 +531,7 @@ assert tuple(CHECK_FUNCTIONS) == CHECK_IDS, "tools.check.CHECKS and the worker d
 def run_checks(path: str, events: Events) -> None:
     try:
         source = Path(path).read_text()
-        cand = load_source(source, path, "bugforge_candidate")
+        cand = load_source(source, "bugforge_candidate", path, register=True)
     except SyntaxError as e:
         events.emit(
             event="load-error", message=f"SyntaxError: {e.msg} (line {e.lineno})"
@@ -808,7 +799,7 @@ def judge(job_path: str, events: Events) -> None:
     several, "unclear" which.
     """
     job = json.loads(Path(job_path).read_text())
-    clean_module = load_source(job["clean"], "<clean>", "bugforge_clean")
+    clean_module = load_source(job["clean"], "bugforge_clean", "<clean>", register=True)
     clean_fp = fingerprint(clean_module, clean_module)
     for index, unit in enumerate(job["units"]):
         if index < job.get("skip", 0):
@@ -816,7 +807,9 @@ def judge(job_path: str, events: Events) -> None:
         events.emit(event="start", unit=index)
         sites = unit["sites"]
         try:
-            hybrid = load_source(unit["hybrid"], "<hybrid>", f"bugforge_hybrid{index}")
+            hybrid = load_source(
+                unit["hybrid"], f"bugforge_hybrid{index}", "<hybrid>", register=True
+            )
             hybrid_fp = fingerprint(hybrid, clean_module)
         except Exception as e:  # noqa: BLE001 - their code fails to even define itself
             note = f"your version does not run in the clean model ({describe(e)})"
@@ -828,7 +821,7 @@ def judge(job_path: str, events: Events) -> None:
         agreeing = []
         for n, variant in enumerate(unit["variants"]):
             name = f"bugforge_variant{index}_{n}"
-            module = load_source(variant["source"], "<variant>", name)
+            module = load_source(variant["source"], name, "<variant>", register=True)
             if agree(hybrid_fp, fingerprint(module, clean_module)):
                 agreeing.append(set(variant["unfixed"]))
         if not agreeing:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 from tools.errors import UserError
@@ -19,6 +21,8 @@ COMMAND_MODULES = {
     "practice": "tools.practice",
     "reveal": "tools.practice",
 }
+# What a shell reports for a process that a closed pipe stopped: 128 + SIGPIPE.
+SIGPIPE_EXIT = 128 + getattr(signal, "SIGPIPE", 13)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,13 +46,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(wanted or list(COMMAND_MODULES))
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except UserError as e:
         print(f"bugforge: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("bugforge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`bugforge rules | head -1`): stop quietly, as a
+        # process killed by SIGPIPE would, and let the exit flush go to devnull.
+        _silence_stdout()
+        return SIGPIPE_EXIT
+
+
+def _silence_stdout() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (captured in tests)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

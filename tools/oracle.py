@@ -38,6 +38,7 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -110,8 +111,8 @@ class Run:
 
     def to_json(self) -> dict:
         data = asdict(self)
-        data["final_loss"] = _finite_or_none(self.final_loss)
-        data["losses"] = [_finite_or_none(x) for x in self.losses]
+        data["final_loss"] = finite_or_none(self.final_loss)
+        data["losses"] = [finite_or_none(x) for x in self.losses]
         return data
 
     @classmethod
@@ -122,7 +123,8 @@ class Run:
         return cls(**data)
 
 
-def _finite_or_none(x: float) -> float | None:
+def finite_or_none(x: float | None) -> float | None:
+    """JSON has no NaN or infinity: those become null."""
     return x if x is not None and math.isfinite(x) else None
 
 
@@ -270,11 +272,21 @@ def _deadline(seconds: float | None):
         signal.signal(signal.SIGALRM, previous)
 
 
-def load_source(source: str, name: str = "bugforge_mutant") -> types.ModuleType:
-    """Execute `source` as a fresh module (not registered in sys.modules)."""
+def load_source(
+    source: str,
+    name: str = "bugforge_mutant",
+    filename: str | None = None,
+    register: bool = False,
+) -> types.ModuleType:
+    """Execute `source` as a fresh module called `name` (so its `__main__` code never
+    runs), registered in sys.modules only if asked; `filename` shows in tracebacks."""
+    filename = filename or f"<{name}>"
+    code = compile(source, filename, "exec")
     module = types.ModuleType(name)
-    module.__file__ = f"<{name}>"
-    exec(compile(source, f"<{name}>", "exec"), module.__dict__)
+    module.__file__ = filename
+    if register:
+        sys.modules[name] = module
+    exec(code, module.__dict__)
     return module
 
 
@@ -415,7 +427,9 @@ def run_key(
     seed: int,
     config: dict | None = None,
 ) -> str:
-    """Hash of (clean source, rule class source, oracle config, site id, seed)."""
+    """Hash of (clean source, rule source, oracle config, site id, seed); the rule
+    source is whatever shapes the mutant besides the clean source (a digest of the
+    rule's module and the engine: see tools.verify.rule_source)."""
     payload = json.dumps(
         [clean_source, rule_source, config or oracle_config(), site_id, seed],
         sort_keys=True,
@@ -430,6 +444,7 @@ class Cache:
         self.root = Path(root) if root is not None else cache_dir()
         self.hits = 0
         self.misses = 0
+        self.write_error: OSError | None = None  # after one, nothing more is written
 
     def _path(self, key: str) -> Path:
         return self.root / "verdicts" / key[:2] / f"{key}.json"
@@ -445,6 +460,21 @@ class Cache:
         return run
 
     def put(self, key: str, run: Run) -> None:
+        """Store a verdict; if the cache cannot be written, say so once on stderr and
+        go on without it (a verdict is worth more than its cache entry)."""
+        if self.write_error is not None:
+            return
+        try:
+            self._write(key, run)
+        except OSError as e:
+            self.write_error = e
+            print(
+                f"bugforge: warning: cannot write the verdict cache in {self.root}"
+                f" ({e.strerror or e}); going on without caching",
+                file=sys.stderr,
+            )
+
+    def _write(self, key: str, run: Run) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".verdict.", dir=path.parent)

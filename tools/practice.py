@@ -52,7 +52,13 @@ import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
 
 from mutations import engine
-from tools.check import DEFAULT_TIMEOUT, format_report, run_check, run_worker
+from tools.check import (
+    DEFAULT_TIMEOUT,
+    check_timeout,
+    format_report,
+    run_check,
+    run_worker,
+)
 from tools.errors import UserError
 from tools.exercise import (
     ANNOTATED_NAME,
@@ -91,10 +97,15 @@ The clock started when this folder was written.
 
 def run_practice(args) -> int:
     out = Path(args.dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder", exit_code=2)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty; give a new or empty folder", exit_code=2)
+    try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{out} exists and is not a folder", exit_code=2)
+        if out.exists() and any(out.iterdir()):
+            raise UserError(
+                f"{out} is not empty; give a new or empty folder", exit_code=2
+            )
+    except OSError as e:
+        raise UserError(f"cannot use {out}: {e.strerror or e}") from None
     exercise = build_exercise(args.seed, args.bugs)
     started = time.time()
     record = {
@@ -446,7 +457,7 @@ def _read_record(folder: Path) -> dict:
             and isinstance(record["started"], (int, float))
             and isinstance(decode_plan(record["plan"]), list)
         )
-    except (ValueError, KeyError, TypeError, zlib.error):
+    except (OSError, ValueError, KeyError, TypeError, zlib.error):
         valid = False
     if not valid:
         raise UserError(f"{path} is damaged", exit_code=2)
@@ -480,6 +491,7 @@ def _elapsed(seconds: float) -> str:
 
 
 def run_reveal(args) -> int:
+    check_timeout(args.timeout)
     folder = Path(args.dir)
     record = _read_record(folder)
     buggy = folder / BUGGY_NAME
@@ -487,7 +499,11 @@ def run_reveal(args) -> int:
         raise UserError(f"{buggy} is missing", exit_code=2)
     if "revealed" not in record:
         record["revealed"] = time.time()
-        (folder / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        path = folder / RECORD_NAME
+        try:
+            path.write_text(json.dumps(record, indent=2) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     sites, annotated, clean, note = _rebuild(record)
 
     def clock(t):

@@ -11,6 +11,8 @@ Importing this module does not import torch; only measuring does, in the workers
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -22,7 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mutations import engine
+from mutations import base, engine
+from mutations import rules as rules_package
 from mutations.base import Rule, all_rules
 from mutations.excluded import EXCLUDED
 from tools import oracle
@@ -62,17 +65,13 @@ class Row:
             "killed": self.result.killed,
             "close_call": self.result.close_call,
             "excluded": self.excluded,
-            "final_loss": _finite_or_none(self.result.final_loss),
+            "final_loss": oracle.finite_or_none(self.result.final_loss),
             "accuracy": self.result.max_accuracy,
             "runs": [
                 {k: v for k, v in run.to_json().items() if k != "losses"}
                 for run in self.result.runs
             ],
         }
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 # ------------------------------------------------------------------ what to measure
@@ -99,7 +98,26 @@ def _constant(text: str):
 
 
 def rule_source(rule: Rule) -> str:
-    return inspect.getsource(type(rule))
+    """A digest of every source that shapes the rule's mutants besides the clean
+    model: the rule's whole module (its helpers outside the class too), the engine,
+    the rule base and the shared modules of mutations/rules (those named `_*.py`)."""
+    paths = [
+        Path(inspect.getsourcefile(type(rule))),
+        Path(engine.__file__),
+        Path(base.__file__),
+        *sorted(Path(rules_package.__file__).parent.glob("_*.py")),
+    ]
+    digest = hashlib.sha256()
+    for path in dict.fromkeys(p.resolve() for p in paths):
+        stat = path.stat()
+        digest.update(_file_digest(path, stat.st_mtime_ns, stat.st_size).encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: Path, mtime_ns: int, size: int) -> str:
+    """sha256 of a file's bytes; the stat fields make an edited file a new entry."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _whole_file_requests(text: str, label: str, seeds, config) -> list[oracle.Request]:
@@ -327,7 +345,10 @@ def load_exercise(folder: Path) -> tuple[dict[str, str], tuple[str, ...], int | 
         path = folder / name
         if not path.is_file():
             raise UserError(f"{path} is missing: is {folder} a generated exercise?")
-        files[name] = path.read_text()
+        try:
+            files[name] = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {path}: {e}") from None
     lines = files[ANNOTATED_NAME].splitlines()
     first = re.match(
         r"# bugforge exercise, seed (\S+); planted bugs: (\d+)$",
@@ -435,9 +456,31 @@ class Progress:
                 print(line, file=self.stream, flush=True)
 
 
-def _check_plot_available() -> None:
+def _check_plot_available(path: Path) -> None:
+    """matplotlib is there and can write this kind of file: asked before training."""
     if importlib.util.find_spec("matplotlib") is None:
         raise UserError(PLOT_MISSING)
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    kind = path.suffix[1:].lower()
+    if kind and kind not in kinds:
+        raise UserError(
+            f"--plot cannot write a .{kind} file; use one of: {', '.join(sorted(kinds))}"
+        )
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Fail now, not after the whole matrix has trained, if `path` cannot be written.
+    A file this makes is removed again; an existing one is left as it was."""
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UserError(f"{option}: cannot write {path}: {e.strerror or e}") from None
+    if not existed:
+        path.unlink(missing_ok=True)
 
 
 def plot_matrix(path: Path, matrix: Matrix) -> None:
@@ -479,8 +522,12 @@ def plot_matrix(path: Path, matrix: Matrix) -> None:
     fig.supxlabel("training step", fontsize=8)
     fig.supylabel("training loss", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------- command line
@@ -506,13 +553,17 @@ def run_verify(args) -> int:
     jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, not {jobs}")
+    one_exercise = args.exercise is not None or args.seed is not None
+    if one_exercise and (args.rule or args.plot):
+        raise UserError("--rule and --plot apply to the matrix, not to an exercise")
     if args.plot:
-        _check_plot_available()
+        _check_plot_available(Path(args.plot))
+        _check_writable(Path(args.plot), "--plot")
+    if args.json:
+        _check_writable(Path(args.json), "--json")
     cache = None if args.no_cache else oracle.Cache()
     progress = Progress()
-    if args.exercise is not None or args.seed is not None:
-        if args.rule or args.plot:
-            raise UserError("--rule and --plot apply to the matrix, not to an exercise")
+    if one_exercise:
         if args.exercise is not None:
             folder = Path(args.exercise)
             files, site_ids, seed = load_exercise(folder)
