@@ -255,16 +255,21 @@ class Transformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
+        """GPT-2's init: weights N(0, 0.02), biases zero, and the projections into the
+        residual stream shrunk by 1/sqrt(2 * num_layers) so depth doesn't grow it.
+
+        Token embeddings start at std 0.3, not 0.02: they are added to sinusoids of
+        unit size, and at 0.02 the tokens drown in them (learning takes ~3x longer).
+        Each full weight is drawn once and then cut into shards.
+        """
         for module in self.modules():
             if isinstance(module, ParallelLinear):
                 full = torch.empty(module.out_features, module.in_features)
                 nn.init.normal_(full, mean=0.0, std=0.02)
                 module.load_full_weight(full)
             elif isinstance(module, nn.Embedding):
-                # larger than 0.02 so the tokens don't drown in the unit-size sinusoids
                 # BUG[init]: The token embedding is drawn with std sqrt(dim) (the original Transformer's 'multiply the embeddings by sqrt(d_model)' folded into the init), so each token vector is about eight times the size of the unit-size sinusoids it is added to; after the pre-norm the position is a faint ripple on the token, Adam's small steps cannot shrink the table in time, and attention cannot find the token one period back. Fix: Draw the token embedding on the scale of the position table: nn.init.normal_(module.weight, mean=0.0, std=0.3).
                 nn.init.normal_(module.weight, mean=0.0, std=module.embedding_dim**0.5)
-        # GPT-2: shrink the projections into the residual stream with depth
         residual_std = 0.02 / math.sqrt(2 * self.num_layers)
         # BUG[init]: Both the query and the key projections start at zero (their biases are zero too), so every attention score is 0, and the gradient reaching the queries is proportional to the keys and vice versa: both stay zero forever, attention stays uniform over the past, and no token can be looked up. Fix: Drop the zero init of q and k (zeroing the query alone would still let the key, and then the query, learn).
         for block in self.blocks:
@@ -309,9 +314,6 @@ class Transformer(nn.Module):
         return idx
 
 
-# The demo task: continue a repeating pattern. Each sequence is a random word of
-# PERIOD tokens repeated; the model sees one period and must generate the rest,
-# which takes attention to the token PERIOD steps back and a sense of position.
 DEMO_CONFIG = dict(
     num_layers=2, num_heads=2, ffn_dim=64, dim=32, vocab_size=16, block_size=16
 )
@@ -326,7 +328,13 @@ TARGET_ACCURACY = 0.9
 
 
 def make_batch(batch_size, vocab_size, block_size, generator):
-    """Inputs (B, block_size) and next-token targets; the first period is unpredictable."""
+    """Inputs (B, block_size) and next-token targets for the demo task.
+
+    The task: continue a repeating pattern. Each sequence is a random word of PERIOD
+    tokens, repeated; the model must predict every token after the first period,
+    which takes attention to the token PERIOD steps back and a sense of position.
+    Targets inside the first period are unpredictable and set to -1 (ignored).
+    """
     word = torch.randint(vocab_size, (batch_size, PERIOD), generator=generator)
     seq = word.repeat(1, block_size // PERIOD + 2)[:, : block_size + 1]
     x = seq[:, :-1]

@@ -236,6 +236,13 @@ class Transformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
+        """GPT-2's init: weights N(0, 0.02), biases zero, and the projections into the
+        residual stream shrunk by 1/sqrt(2 * num_layers) so depth doesn't grow it.
+
+        Token embeddings start at std 0.3, not 0.02: they are added to sinusoids of
+        unit size, and at 0.02 the tokens drown in them (learning takes ~3x longer).
+        Each full weight is drawn once and then cut into shards.
+        """
         for module in self.modules():
             if isinstance(module, ParallelLinear):
                 full = torch.empty(module.out_features, module.in_features)
@@ -296,7 +303,13 @@ TARGET_ACCURACY = 0.9
 
 
 def make_batch(batch_size, vocab_size, block_size, generator):
-    """Inputs (B, block_size) and next-token targets; the first period is unpredictable."""
+    """Inputs (B, block_size) and next-token targets for the demo task.
+
+    The task: continue a repeating pattern. Each sequence is a random word of PERIOD
+    tokens, repeated; the model must predict every token after the first period,
+    which takes attention to the token PERIOD steps back and a sense of position.
+    Targets inside the first period are unpredictable and set to -1 (ignored).
+    """
     word = torch.randint(vocab_size, (batch_size, PERIOD), generator=generator)
     seq = word.repeat(1, block_size // PERIOD + 2)[:, : block_size + 1]
     x = seq[:, :-1]
