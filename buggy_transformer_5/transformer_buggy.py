@@ -158,7 +158,7 @@ class RowParallelLinear(ParallelLinear):
 def sinusoidal_positions(num_positions, dim):
     """Fixed position table (num_positions, dim): sin on even features, cos on odd."""
     position = torch.arange(num_positions).unsqueeze(1)
-    freq = torch.exp(torch.arange(0, dim, 2) * -math.log(10000.0)) / dim
+    freq = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
     pe = position.new_zeros(num_positions, dim)
     pe[:, 0::2] = torch.sin(position * freq)
     pe[:, 1::2] = torch.cos(position * freq)
@@ -187,7 +187,7 @@ class CausalSelfAttention(nn.Module):
         v = self.v(x).view(B, T, self.num_heads, hs).transpose(1, 2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
         att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
-        att = F.softmax(att, dim=-1)
+        att = F.softmax(att, dim=-2)
         y = att @ v
         y = y.transpose(-2, -1).contiguous().view(B, T, C)
         return self.proj(y)

@@ -3,9 +3,9 @@
 #   weight-grad-uses-input-grad:LinearShard.backward:0
 #   weight-shards-aliased:ParallelLinear.__init__:0
 #   shard-weight-through-data:ColumnParallelLinear.forward:0
-#   frequency-divided-outside-exp:sinusoidal_positions:0
 #   position-table-integer-dtype:sinusoidal_positions:0
 #   heads-split-without-transpose:CausalSelfAttention.forward:1
+#   softmax-over-queries:CausalSelfAttention.forward:0
 #   heads-merged-with-wrong-transpose:CausalSelfAttention.forward:0
 #   token-embedding-init-too-large:Transformer._init_weights:0
 #   query-key-zero-init:Transformer._init_weights:0
@@ -175,8 +175,7 @@ class RowParallelLinear(ParallelLinear):
 def sinusoidal_positions(num_positions, dim):
     """Fixed position table (num_positions, dim): sin on even features, cos on odd."""
     position = torch.arange(num_positions).unsqueeze(1)  # (T, 1)
-    # BUG[position]: The division by dim sits outside the exp instead of in the exponent, so freq = 10000^(-2i) / dim: the first frequency is 1/dim and all the others underflow to zero, the table barely changes across the block, and the model can hardly tell one position from another. Fix: Divide inside the exponent: torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim)).
-    freq = torch.exp(torch.arange(0, dim, 2) * -math.log(10000.0)) / dim  # (C/2,)
+    freq = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))  # (C/2,)
     # BUG[position]: The table is allocated with position.new_zeros, which inherits the int64 dtype of the arange, so every sin and cos value written into it is truncated to 0 (only cos at position 0 stays 1): the positions after the first are indistinguishable and the model cannot tell them apart. Fix: Allocate a float table: pe = torch.zeros(num_positions, dim).
     pe = position.new_zeros(num_positions, dim)
     pe[:, 0::2] = torch.sin(position * freq)
@@ -207,7 +206,8 @@ class CausalSelfAttention(nn.Module):
         v = self.v(x).view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
         att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
-        att = F.softmax(att, dim=-1)
+        # BUG[attention]: The attention softmax normalises over the query axis (dim=-2), so each key's weights sum to one across queries and a position's output depends on later queries: information leaks from the future and generation breaks. Fix: Normalise over the key axis: F.softmax(att, dim=-1).
+        att = F.softmax(att, dim=-2)
         y = att @ v  # (B, nh, T, hs)
         # BUG[shape]: The heads' output (B, nh, T, hs) is transposed on its last two axes, as for k.transpose(-2, -1), instead of swapping heads and time, and the view to (B, T, C) accepts the (B, nh, hs, T) result because only the element count must match: each position's vector is built from features of many positions, later ones included, so teacher-forced training can read ahead while generation, which has no future, fails. Fix: Swap the head and time axes: y.transpose(1, 2).contiguous().view(B, T, C).
         y = y.transpose(-2, -1).contiguous().view(B, T, C)

@@ -165,6 +165,8 @@ class PositionTableIntegerDtype(Rule):
     fix = "Allocate a float table: pe = torch.zeros(num_positions, dim)"
     symptom = "degraded"
     nodes = (cst.Call,)
+    # an integer table truncates whatever frequencies it is given: the two would mask
+    conflicts = ("frequency-divided-outside-exp",)
     examples = (
         Example(
             before=(
