@@ -3,7 +3,6 @@ never a traceback, never a half-written folder."""
 
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import types
 import pytest
 
 from mutations.base import all_rules
-from tests.helpers import REPO
+from tests.helpers import REPO, oracle_run
 from tools import cli, exercise, oracle, verify
 from tools.check import run_worker
 from tools.errors import UserError
@@ -117,21 +116,6 @@ def test_practice_below_a_file_is_one_line(tmp_path, capsys):
 # --- verify -----------------------------------------------------------------------
 
 
-def fake_run(verdict, seed, accuracy=None):
-    return oracle.Run(
-        seed=seed,
-        verdict=verdict,
-        final_loss=1.0,
-        accuracy=accuracy,
-        teacher_forced=None,
-        steps=200,
-        error="TypeError: fake" if verdict == "crash" else None,
-        seconds=1.0,
-        target=0.9,
-        chance_loss=math.log(16),
-    )
-
-
 @pytest.fixture
 def instant_measure(monkeypatch):
     """The clean model passes, every variant crashes, at once."""
@@ -139,8 +123,8 @@ def instant_measure(monkeypatch):
 
     def measure(source, seed, timeout=None):
         if source == clean:
-            return fake_run("survived", seed, accuracy=1.0)
-        return fake_run("crash", seed)
+            return oracle_run("survived", seed, accuracy=1.0)
+        return oracle_run("crash", seed, error="TypeError: fake")
 
     monkeypatch.setattr(oracle, "measure", measure)
 

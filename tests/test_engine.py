@@ -13,6 +13,7 @@ import pytest
 from mutations import engine
 from mutations.base import all_rules
 from mutations.excluded import EXCLUDED
+from tests.helpers import assert_ruff_clean
 from tools import exercise
 from tools.cli import main as cli
 
@@ -171,14 +172,7 @@ def test_every_emitted_file_compiles_and_passes_ruff(exercises, tmp_path):
         for name, text in ex.files.items():
             compile(text, name, "exec")
             (tmp_path / f"s{seed}_{name}").write_text(text)
-    config = ["--config", str(ROOT / "pyproject.toml")]
-    for command in (["format", "--check"], ["check"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "ruff", *command, *config, str(tmp_path)],
-            capture_output=True,
-            text=True,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
+    assert_ruff_clean(tmp_path)
 
 
 def test_the_same_seed_gives_the_same_bytes_whatever_the_hash_seed(tmp_path):
@@ -253,53 +247,25 @@ def test_bad_generate_requests_give_one_line_and_write_nothing(
     assert not out.exists()
 
 
-def test_a_rule_that_yields_broken_code_is_named_and_nothing_is_written(
-    tmp_path, capsys, monkeypatch
+@pytest.mark.parametrize(
+    "rule_name, replacement, message",
+    [
+        # the site is an expression, where a Name fits but `class` cannot compile
+        ("softmax-over-queries", lambda: cst.Name("class"), "does not compile"),
+        (SELECTABLE[0].rule, object, "not a libcst node"),
+    ],
+    ids=["uncompilable-code", "not-a-node"],
+)
+def test_a_broken_rule_is_named_in_one_line_and_nothing_is_written(
+    tmp_path, capsys, monkeypatch, rule_name, replacement, message
 ):
-    rule = RULES["softmax-over-queries"]  # its site is an expression: a Name fits there
-    monkeypatch.setattr(type(rule), "mutate", lambda self, node, ctx: cst.Name("class"))
+    rule = RULES[rule_name]
+    monkeypatch.setattr(type(rule), "mutate", lambda self, node, ctx: replacement())
     out = tmp_path / "ex"
-    assert (
-        cli(
-            [
-                "generate",
-                "--seed",
-                "1",
-                "--out",
-                str(out),
-                "--only",
-                rule.name,
-                "--bugs",
-                "1",
-            ]
-        )
-        != 0
-    )
+    args = ["generate", "--seed", "1", "--out", str(out), "--only", rule.name]
+    assert cli([*args, "--bugs", "1"]) != 0
     err = capsys.readouterr().err
-    assert rule.name in err and "does not compile" in err and err.count("\n") == 1
-    assert not out.exists()
-
-
-def test_a_rule_that_returns_the_wrong_kind_of_node_is_named(
-    tmp_path, capsys, monkeypatch
-):
-    rule = RULES[SELECTABLE[0].rule]
-    monkeypatch.setattr(type(rule), "mutate", lambda self, node, ctx: object())
-    out = tmp_path / "ex"
-    args = [
-        "generate",
-        "--seed",
-        "1",
-        "--out",
-        str(out),
-        "--only",
-        rule.name,
-        "--bugs",
-        "1",
-    ]
-    assert cli(args) != 0
-    err = capsys.readouterr().err
-    assert rule.name in err and err.count("\n") == 1
+    assert rule.name in err and message in err and err.count("\n") == 1
     assert not out.exists()
 
 

@@ -5,17 +5,16 @@ import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from mutations import engine
 from mutations.base import all_rules
 from mutations.excluded import EXCLUDED
+from tests.helpers import REPO, oracle_run
 from tools import cli, oracle, verify
 from tools.exercise import build_exercise
 
-REPO = Path(__file__).resolve().parents[1]
 CLEAN = engine.CLEAN_SOURCE.read_text()
 CHANCE = math.log(16)
 
@@ -64,26 +63,11 @@ def test_final_loss_is_the_mean_of_the_last_steps():
     assert math.isnan(oracle.final_loss([]))
 
 
-def run(verdict, seed=0, accuracy=0.0, error=None):
-    return oracle.Run(
-        seed=seed,
-        verdict=verdict,
-        final_loss=1.0,
-        accuracy=accuracy,
-        teacher_forced=None,
-        steps=200,
-        error=error,
-        seconds=1.0,
-        target=0.9,
-        chance_loss=CHANCE,
-    )
-
-
 def test_a_site_is_killed_only_if_it_fails_under_every_one_of_enough_seeds():
-    failing = [run("degraded", s, accuracy=0.2) for s in range(oracle.MIN_SEEDS)]
+    failing = [oracle_run("degraded", s, accuracy=0.2) for s in range(oracle.MIN_SEEDS)]
     assert oracle.SiteResult("s", failing).killed
     assert not oracle.SiteResult("s", failing[:-1]).killed  # too few seeds
-    lucky = [*failing[:-1], run("survived", 9, accuracy=0.95)]
+    lucky = [*failing[:-1], oracle_run("survived", 9, accuracy=0.95)]
     result = oracle.SiteResult("s", lucky)
     assert not result.killed and not result.close_call
     assert result.verdict == "survived"
@@ -94,7 +78,11 @@ def test_a_site_is_killed_only_if_it_fails_under_every_one_of_enough_seeds():
 
 def test_a_site_that_fails_every_seed_but_near_the_target_is_a_close_call_not_a_kill():
     near = oracle.KILL_MARGIN_ACCURACY
-    runs = [run("degraded", 0), run("degraded", 1, accuracy=near), run("nan", 2)]
+    runs = [
+        oracle_run("degraded", 0),
+        oracle_run("degraded", 1, accuracy=near),
+        oracle_run("nan", 2),
+    ]
     result = oracle.SiteResult("s", runs)
     assert result.close_call and not result.killed
     assert result.verdict == "degraded"
@@ -102,15 +90,15 @@ def test_a_site_that_fails_every_seed_but_near_the_target_is_a_close_call_not_a_
         f"close call: accuracy 0.00 {near:.2f} 0.00 under seeds 0,1,2,"
         f" a kill needs each < {near:.2f}"
     )
-    runs[1] = run("degraded", 1, accuracy=near - 0.01)
+    runs[1] = oracle_run("degraded", 1, accuracy=near - 0.01)
     assert oracle.SiteResult("s", runs).killed
 
 
 def test_a_site_verdict_is_its_most_common_failure():
     runs = [
-        run("crash", 0, error="IndexError: x"),
-        run("nan", 1),
-        run("crash", 2, error="IndexError: y"),
+        oracle_run("crash", 0, error="IndexError: x"),
+        oracle_run("nan", 1),
+        oracle_run("crash", 2, error="IndexError: y"),
     ]
     assert oracle.SiteResult("s", runs).verdict == "crash (IndexError)"
 
@@ -239,8 +227,8 @@ def fake_measure(monkeypatch, tmp_path):
 
     def measure(source, seed, timeout=None):
         if source in survivors:
-            return run("survived", seed, accuracy=1.0)
-        return run("crash", seed, error="TypeError: fake")
+            return oracle_run("survived", seed, accuracy=1.0)
+        return oracle_run("crash", seed, error="TypeError: fake")
 
     monkeypatch.setattr(oracle, "measure", measure)
     return survivors
@@ -311,7 +299,7 @@ def test_verify_reports_survivors_and_counts_excluded_ones(
 
 def test_verify_fails_when_the_clean_model_fails(fake_measure, capsys, monkeypatch):
     monkeypatch.setattr(
-        oracle, "measure", lambda s, seed, t=None: run("degraded", seed)
+        oracle, "measure", lambda s, seed, t=None: oracle_run("degraded", seed)
     )
     assert cli.main(["verify", "--jobs", "1", "--rule", FIRST_RULE]) == 1
     assert "the clean model fails the demo" in capsys.readouterr().out

@@ -10,6 +10,7 @@ import pytest
 
 from mutations import engine
 from mutations.base import CATEGORIES, SYMPTOMS, Rule, all_rules
+from tests.helpers import assert_ruff_clean
 
 RULES = all_rules()
 CLEAN = engine.parse(engine.CLEAN_SOURCE.read_text())
@@ -77,20 +78,21 @@ def test_every_single_bug_variant_changes_only_its_statement_and_compiles():
         assert lines[last + extra + 1 :] == source_lines[last:], site.id
 
 
-def test_every_single_bug_variant_passes_ruff_format_and_lint(tmp_path):
-    """Nothing a linter or formatter says may point at a planted bug."""
+def write_mutants(folder) -> dict[str, str]:
+    """Every single-bug variant, stripped, as a file in `folder`: site id -> file name."""
+    names = {}
     for site in SITES:
         mutant = engine.apply(CLEAN, engine.Plan(None, (site.id,)), RULES)
-        name = site.id.replace(":", "__").replace(".", "_").replace("-", "_")
-        (tmp_path / f"{name}.py").write_text(engine.emit_stripped(mutant))
-    config = ["--config", str(engine.CLEAN_SOURCE.parent.parent / "pyproject.toml")]
-    for command in (["format", "--check"], ["check"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "ruff", *command, *config, str(tmp_path)],
-            capture_output=True,
-            text=True,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
+        name = site.id.replace(":", "__").replace(".", "_").replace("-", "_") + ".py"
+        (folder / name).write_text(engine.emit_stripped(mutant))
+        names[site.id] = name
+    return names
+
+
+def test_every_single_bug_variant_passes_ruff_format_and_lint(tmp_path):
+    """Nothing a linter or formatter says may point at a planted bug."""
+    write_mutants(tmp_path)
+    assert_ruff_clean(tmp_path)
 
 
 def test_most_rules_run_without_an_exception():
@@ -117,12 +119,7 @@ def test_no_single_bug_variant_leaves_a_name_an_editor_flags(tmp_path):
     """A mutant must not add a diagnostic the clean file lacks: an unused variable
     or argument that only the bug left behind points straight at it."""
     (tmp_path / "clean.py").write_text(engine.emit_clean(CLEAN))
-    names = {}
-    for site in SITES:
-        mutant = engine.apply(CLEAN, engine.Plan(None, (site.id,)), RULES)
-        name = site.id.replace(":", "__").replace(".", "_").replace("-", "_") + ".py"
-        (tmp_path / name).write_text(engine.emit_stripped(mutant))
-        names[site.id] = name
+    names = write_mutants(tmp_path)
     done = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "--isolated", *EDITOR_LINT]
         + ["--output-format", "json", "--exit-zero", str(tmp_path)],
