@@ -112,9 +112,19 @@ class ContextCropKeepsOldest(Rule):
         )
 
 
-class GeneratedTokenPrepended(Rule):
-    name = "generated-token-prepended"
+class _AppendRule(Rule):
+    """A bug in how the new token is appended: `torch.cat((idx, next_id), dim=1)`."""
+
     category = "generate"
+    nodes = (cst.Call,)
+    untouched = ("def forward(self, x):\n    y = torch.cat((x, z), dim=1)\n",)
+
+    def find(self, node, ctx):
+        return _in_generate(ctx) and m.matches(node, APPEND)
+
+
+class GeneratedTokenPrepended(_AppendRule):
+    name = "generated-token-prepended"
     description = (
         "Each new token is concatenated in front of the sequence instead of after it,"
         " so the end of the context never changes: the model predicts the same token"
@@ -122,7 +132,6 @@ class GeneratedTokenPrepended(Rule):
     )
     fix = "Append the new token at the end: torch.cat((idx, next_id), dim=1)"
     symptom = "wrong-generation"
-    nodes = (cst.Call,)
     examples = (
         Example(
             before=(
@@ -133,10 +142,6 @@ class GeneratedTokenPrepended(Rule):
             ),
         ),
     )
-    untouched = ("def forward(self, x):\n    y = torch.cat((x, z), dim=1)\n",)
-
-    def find(self, node, ctx):
-        return _in_generate(ctx) and m.matches(node, APPEND)
 
     def mutate(self, node, ctx):
         pair = node.args[0].value
@@ -149,9 +154,8 @@ class GeneratedTokenPrepended(Rule):
         return node.with_changes(args=[*args, node.args[1]])
 
 
-class GeneratedTokenOnBatchAxis(Rule):
+class GeneratedTokenOnBatchAxis(_AppendRule):
     name = "generated-token-on-batch-axis"
-    category = "generate"
     description = (
         "The new token is concatenated along dim 0, the batch axis, instead of dim 1,"
         " the time axis, so a (B, 1) column is stacked under a (B, T) batch and"
@@ -159,7 +163,6 @@ class GeneratedTokenOnBatchAxis(Rule):
     )
     fix = "Append along time: torch.cat((idx, next_id), dim=1)"
     symptom = "crash"
-    nodes = (cst.Call,)
     examples = (
         Example(
             before=(
@@ -170,10 +173,6 @@ class GeneratedTokenOnBatchAxis(Rule):
             ),
         ),
     )
-    untouched = ("def forward(self, x):\n    y = torch.cat((x, z), dim=1)\n",)
-
-    def find(self, node, ctx):
-        return _in_generate(ctx) and m.matches(node, APPEND)
 
     def mutate(self, node, ctx):
         dim = node.args[1].with_changes(value=cst.Integer("0"))

@@ -18,6 +18,29 @@ _LINEAR_NORMAL_INIT = m.Call(
 )
 
 
+# `nn.init.normal_(module.weight, ..., std=<float>)` inside `if isinstance(module, nn.Embedding):`
+_EMBEDDING_STD = m.Call(
+    func=m.Attribute(attr=m.Name("normal_")),
+    args=[
+        m.Arg(value=m.Attribute(attr=m.Name("weight")), keyword=None),
+        m.ZeroOrMore(),
+        m.Arg(keyword=m.Name("std"), value=m.Float()),
+    ],
+)
+_EMBEDDING_BRANCH = m.If(
+    test=m.Call(
+        func=m.Name("isinstance"),
+        args=[m.Arg(), m.Arg(value=m.Attribute(attr=m.Name("Embedding")))],
+    )
+)
+
+
+def _is_embedding_std(node, ctx):
+    return m.matches(node, _EMBEDDING_STD) and any(
+        m.matches(a, _EMBEDDING_BRANCH) for a in ctx.ancestors
+    )
+
+
 class NormalInitPositionalMean(Rule):
     name = "normal-init-positional-mean"
     category = "init"
@@ -113,21 +136,8 @@ class TokenEmbeddingInitTooSmall(Rule):
         "nn.init.normal_(full, mean=0.0, std=0.02)\n",
     )
 
-    _EMBEDDING_BRANCH = m.If(
-        test=m.Call(
-            func=m.Name("isinstance"),
-            args=[m.Arg(), m.Arg(value=m.Attribute(attr=m.Name("Embedding")))],
-        )
-    )
-
     def find(self, node, ctx):
-        return m.matches(
-            node,
-            m.Call(
-                func=m.Attribute(attr=m.Name("normal_")),
-                args=[m.ZeroOrMore(), m.Arg(keyword=m.Name("std"), value=m.Float())],
-            ),
-        ) and any(m.matches(a, self._EMBEDDING_BRANCH) for a in ctx.ancestors)
+        return _is_embedding_std(node, ctx)
 
     def mutate(self, node, ctx):
         *rest, std = node.args
@@ -279,20 +289,7 @@ class TokenEmbeddingInitTooLarge(Rule):
     )
 
     def find(self, node, ctx):
-        return m.matches(
-            node,
-            m.Call(
-                func=m.Attribute(attr=m.Name("normal_")),
-                args=[
-                    m.Arg(value=m.Attribute(attr=m.Name("weight")), keyword=None),
-                    m.ZeroOrMore(),
-                    m.Arg(keyword=m.Name("std"), value=m.Float()),
-                ],
-            ),
-        ) and any(
-            m.matches(a, TokenEmbeddingInitTooSmall._EMBEDDING_BRANCH)
-            for a in ctx.ancestors
-        )
+        return _is_embedding_std(node, ctx)
 
     def mutate(self, node, ctx):
         *rest, std = node.args
