@@ -26,3 +26,8 @@ EXCLUDED: dict[str, str] = {
         "close call: 0.00 0.77 0.00 under seeds 0-2; 0.89 at best over seeds 0-9"
     ),
 }
+
+
+def excluded_reason(site) -> str | None:
+    """Why the planner must not select `site` (an engine.Site), or None if it may."""
+    return EXCLUDED.get(site.id, EXCLUDED.get(site.rule))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mutations import engine
 from mutations.base import CATEGORIES, all_rules
-from mutations.excluded import EXCLUDED
+from mutations.excluded import excluded_reason
 from tools.errors import UserError
 
 CLEAN_NAME = "transformer_clean.py"
@@ -31,8 +31,7 @@ class Exercise:
 
 def selectable_sites(module, rules) -> list[engine.Site]:
     """Every site the planner may pick: found on the clean model and not excluded."""
-    sites = engine.find_sites(module, rules)
-    return [s for s in sites if s.id not in EXCLUDED and s.rule not in EXCLUDED]
+    return [s for s in engine.find_sites(module, rules) if excluded_reason(s) is None]
 
 
 def build_exercise(
@@ -47,10 +46,15 @@ def build_exercise(
                 f"unknown rule or category: {item!r} (see `bugforge rules`)"
             )
     module = engine.parse(engine.CLEAN_SOURCE.read_text())
-    sites = selectable_sites(module, rules)
+    found = engine.find_sites(module, rules)
+    sites = [s for s in found if excluded_reason(s) is None]
     for item in only or ():
         if not any(item in (s.rule, s.category) for s in sites):
-            reasons = [f"{k}: {v}" for k, v in EXCLUDED.items() if item in k.split(":")]
+            reasons = [
+                f"{s.id}: {excluded_reason(s)}"
+                for s in found
+                if item in (s.rule, s.category)
+            ]
             why = f" (excluded, {reasons[0]})" if reasons else ""
             raise UserError(f"{item} has no site the planner may select{why}")
     try:

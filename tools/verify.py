@@ -27,7 +27,7 @@ from pathlib import Path
 from mutations import base, engine
 from mutations import rules as rules_package
 from mutations.base import Rule, all_rules
-from mutations.excluded import EXCLUDED
+from mutations.excluded import excluded_reason
 from tools import oracle
 from tools.errors import UserError
 from tools.exercise import (
@@ -141,10 +141,6 @@ def _site_requests(
     ]
 
 
-def _excluded_reason(site: engine.Site) -> str | None:
-    return EXCLUDED.get(site.id, EXCLUDED.get(site.rule))
-
-
 def _results(requests_by_label, runs) -> dict[str, oracle.SiteResult]:
     return {
         label: oracle.SiteResult(label, [runs[r.key] for r in requests])
@@ -222,7 +218,7 @@ def run_matrix(
             site.rule,
             site.id,
             site.id in selectable,
-            _excluded_reason(site),
+            excluded_reason(site),
             results[site.id],
         )
         for site in sites
